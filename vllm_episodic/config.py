@@ -1,0 +1,190 @@
+"""The one configuration model of the episodic backend.
+
+Values come, lowest priority first, from the field defaults (EM-LLM's choices),
+a YAML preset in ``configs/`` (by name, or a path to a YAML file), and the keys a
+user passes through vLLM's own ``--additional-config``::
+
+    vllm serve MODEL --attention-backend episodic \\
+        --additional-config '{"episodic": {"preset": "fast", "window_tokens": 2048}}'
+
+Every field is validated; an unknown key or a bad value raises
+:class:`EpisodicConfigError`, whose message names the field and what it accepts.
+The algorithm modules never import this file (they take plain numbers), so they
+run where pydantic is not installed.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+#: the key of ``--additional-config`` that holds our settings
+ADDITIONAL_CONFIG_KEY = "episodic"
+
+
+class EpisodicConfigError(ValueError):
+    """A user-facing configuration error; the message says what to change."""
+
+
+class EpisodicConfig(BaseModel):
+    """Settings of the episodic memory. Token counts are per request."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    sink_tokens: int = Field(128, ge=0, le=65536)
+    """Tokens at the start of every request that are always attended (attention sinks)."""
+
+    window_tokens: int = Field(4096, ge=16, le=1 << 20)
+    """Most recent tokens attended at exact relative positions (the local window)."""
+
+    retrieval_budget_tokens: int = Field(2048, ge=0, le=1 << 20)
+    """Tokens of retrieved events attended per layer and step (similarity + contiguity)."""
+
+    min_event_tokens: int = Field(8, ge=1, le=65536)
+    """Smallest event; surprise boundaries closer than this are dropped."""
+
+    max_event_tokens: int = Field(128, ge=1, le=65536)
+    """Largest event; longer unsurprising runs are cut at this size."""
+
+    segmentation: Literal["surprise", "fixed"] = "surprise"
+    """``surprise``: EM-LLM boundaries; ``fixed``: InfLLM-style blocks of max_event_tokens."""
+
+    surprise_gamma: float = Field(1.0, ge=0.0, le=10.0)
+    """A token opens an event when its surprise exceeds mean + gamma * std."""
+
+    surprise_window: int = Field(128, ge=2, le=1 << 20)
+    """How many earlier tokens' surprise the mean and std are taken over."""
+
+    contiguity_share: float = Field(0.3, ge=0.0, lt=1.0)
+    """Share of the retrieval budget given to temporal neighbours of retrieved events."""
+
+    refinement: bool = False
+    """Move surprise boundaries to improve the key-similarity graph metric."""
+
+    refinement_metric: Literal["modularity", "conductance"] = "modularity"
+    """Graph metric the refinement optimises (modularity up, conductance down)."""
+
+    representatives_per_event: int = Field(4, ge=1, le=64)
+    """Representative keys kept per event and KV head for similarity retrieval."""
+
+    device_event_cache_tokens: int = Field(8192, ge=0, le=1 << 24)
+    """Retrieved-event tokens kept on the device per request (an LRU of events)."""
+
+    host_memory_gib: float = Field(16.0, gt=0.0, le=1 << 20)
+    """Cap on host memory for the event store of the whole server, in GiB."""
+
+    host_memory_policy: Literal["reject", "evict"] = "reject"
+    """At the cap: ``reject`` new requests, or ``evict`` least-recently-retrieved events."""
+
+    positions: Literal["auto", "exact", "bounded"] = "auto"
+    """``exact``: true positions; ``bounded``: memory at a fixed distance (InfLLM);
+    ``auto``: exact while the context fits the model's trained length."""
+
+    @model_validator(mode="after")
+    def _check_consistent(self) -> EpisodicConfig:
+        if self.min_event_tokens > self.max_event_tokens:
+            raise ValueError(
+                f"min_event_tokens ({self.min_event_tokens}) must not exceed "
+                f"max_event_tokens ({self.max_event_tokens})"
+            )
+        if 0 < self.retrieval_budget_tokens < self.max_event_tokens:
+            raise ValueError(
+                f"retrieval_budget_tokens ({self.retrieval_budget_tokens}) must be 0 "
+                f"(no retrieval) or at least max_event_tokens ({self.max_event_tokens}), "
+                "so that one event fits"
+            )
+        if self.device_event_cache_tokens < self.retrieval_budget_tokens:
+            raise ValueError(
+                f"device_event_cache_tokens ({self.device_event_cache_tokens}) must be at "
+                f"least retrieval_budget_tokens ({self.retrieval_budget_tokens})"
+            )
+        return self
+
+    @property
+    def resident_tokens(self) -> int:
+        """Tokens per request the paged KV cache must keep: sinks, window and the
+        event still being formed (at most one event beyond the window)."""
+        return self.sink_tokens + self.window_tokens + self.max_event_tokens
+
+    def check_model(self, trained_len: int, max_model_len: int) -> None:
+        """Fail when the settings cannot keep this model in distribution."""
+        if self.positions != "exact" and max_model_len > trained_len:
+            span = self.sink_tokens + self.window_tokens + self.max_event_tokens
+            if span > trained_len:
+                raise EpisodicConfigError(
+                    "episodic config: sink_tokens + window_tokens + max_event_tokens "
+                    f"= {span} exceeds the model's trained length {trained_len}; "
+                    "lower window_tokens so that memory stays at a trained distance"
+                )
+
+    @classmethod
+    def from_additional_config(cls, additional_config: Any) -> EpisodicConfig:
+        """Build from vLLM's ``additional_config`` (the ``--additional-config`` JSON)."""
+        section = {}
+        if isinstance(additional_config, dict):
+            section = additional_config.get(ADDITIONAL_CONFIG_KEY) or {}
+        if not isinstance(section, dict):
+            raise EpisodicConfigError(
+                f"--additional-config key {ADDITIONAL_CONFIG_KEY!r} must be a JSON "
+                f"object of settings, got {type(section).__name__}"
+            )
+        return cls.from_dict(section)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> EpisodicConfig:
+        """Preset (``values["preset"]``, optional) overlaid with the other keys."""
+        values = dict(values)
+        preset = values.pop("preset", None)
+        merged = {**load_preset(preset), **values} if preset is not None else values
+        try:
+            return cls.model_validate(merged)
+        except ValidationError as exc:
+            raise EpisodicConfigError(_describe(exc, preset)) from None
+
+
+def preset_names() -> list[str]:
+    folder = resources.files("vllm_episodic.configs")
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_preset(preset: Any) -> dict[str, Any]:
+    """Values of a preset given by name (``configs/<name>.yaml``) or by file path."""
+    if not isinstance(preset, str) or not preset:
+        raise EpisodicConfigError(
+            f"episodic config: preset must be a name ({', '.join(preset_names())}) "
+            f"or a path to a YAML file, got {preset!r}"
+        )
+    if preset in preset_names():
+        text = resources.files("vllm_episodic.configs").joinpath(f"{preset}.yaml").read_text()
+    elif Path(preset).is_file():
+        text = Path(preset).read_text()
+    else:
+        raise EpisodicConfigError(
+            f"episodic config: unknown preset {preset!r}; use one of "
+            f"{', '.join(preset_names())} or a path to a YAML file"
+        )
+    values = yaml.safe_load(text) or {}
+    if not isinstance(values, dict):
+        raise EpisodicConfigError(f"episodic preset {preset!r} must be a YAML mapping")
+    return values
+
+
+def _describe(exc: ValidationError, preset: str | None) -> str:
+    """One line per problem: the field, what was wrong, and what it accepts."""
+    fields = sorted(EpisodicConfig.model_fields)
+    lines = []
+    for err in exc.errors():
+        name = ".".join(str(p) for p in err["loc"]) or "(settings)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"unknown key {name!r}; valid keys: {', '.join(fields)}")
+        else:
+            doc = EpisodicConfig.model_fields.get(name)
+            hint = f" ({doc.description})" if doc is not None and doc.description else ""
+            got = f", got {err['input']!r}" if "input" in err and err["type"] != "value_error" else ""
+            lines.append(f"{name}: {err['msg']}{got}{hint}")
+    origin = f" (preset {preset!r} + --additional-config)" if preset else ""
+    return "invalid episodic config" + origin + ":\n  " + "\n  ".join(lines)

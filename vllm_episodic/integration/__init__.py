@@ -1,0 +1,30 @@
+"""The adapter: every use of vLLM internals lives in this package.
+
+``register()`` runs in each vLLM process (API server, engine core, worker) through the
+``vllm.general_plugins`` entry point. It checks the vLLM release, then applies the
+patches documented in each module: ``selection`` (backend name, platform, config
+checks), ``runner_hooks`` (request ids, finish/abort), and exposes our metrics on the
+process's prometheus registry.
+"""
+
+from __future__ import annotations
+
+_registered = False
+
+
+def register() -> None:
+    global _registered
+    if _registered:
+        return
+    from vllm_episodic.integration.vllm_version import check_vllm_version
+
+    check_vllm_version()
+    from vllm_episodic import metrics
+    from vllm_episodic.integration import runner_hooks, selection
+
+    selection.install_backend_name()
+    selection.patch_platform()
+    selection.patch_engine_args()
+    runner_hooks.install()
+    metrics.register_collector()
+    _registered = True

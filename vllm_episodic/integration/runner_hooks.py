@@ -1,0 +1,53 @@
+"""Hooks on vLLM's V1 model runner (worker process).
+
+Patch: ``GPUModelRunner._update_states`` (inherited by the CPU runner).
+Why: it is where the worker learns the batch of each step and the requests that
+finished, were aborted or were preempted; the attention backend needs both and vLLM
+passes neither to it.
+How: before the original runs, release the memory of finished/preempted requests;
+after it, record the batch's request ids (row order is final by then).
+Removal: when attention metadata carries request ids (the V2 runner's ``req_idx``)
+and a request-finished callback exists for backends.
+"""
+
+from __future__ import annotations
+
+import functools
+
+
+def install() -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    original = GPUModelRunner._update_states
+    if getattr(original, "_episodic", False):
+        return
+
+    @functools.wraps(original)
+    def _update_states(self, scheduler_output):
+        runtime = _runtime_of(self)
+        if runtime is None:
+            return original(self, scheduler_output)
+        gone = set(scheduler_output.finished_req_ids)
+        gone.update(scheduler_output.preempted_req_ids or ())
+        runtime.on_requests_gone(gone)
+        result = original(self, scheduler_output)
+        runtime.on_batch_updated(self.input_batch.req_ids[: self.input_batch.num_reqs])
+        return result
+
+    _update_states._episodic = True
+    GPUModelRunner._update_states = _update_states
+
+
+def _runtime_of(runner):
+    """The runner's WorkerRuntime, created on its first step; None if not episodic."""
+    runtime = getattr(runner, "_episodic_runtime", False)
+    if runtime is False:
+        from vllm_episodic.integration.selection import is_episodic
+
+        runtime = None
+        if is_episodic(runner.vllm_config):
+            from vllm_episodic.integration.runtime import WorkerRuntime
+
+            runtime = WorkerRuntime(runner)
+        runner._episodic_runtime = runtime
+    return runtime

@@ -1,0 +1,211 @@
+"""Make ``--attention-backend episodic`` select our backend in every vLLM process.
+
+Patches (each idempotent, applied by :func:`vllm_episodic.integration.register`):
+
+1. ``AttentionBackendEnum``: ``EPISODIC`` becomes an alias of the ``CUSTOM`` member
+   and ``CUSTOM`` points at our backend class.
+   Why: vLLM parses the flag with ``AttentionBackendEnum[name.upper()]``. A new enum
+   member would not unpickle in the engine-core process, which reads the config
+   before it loads plugins; an alias pickles as ``CUSTOM``.
+2. ``CpuPlatform.get_attn_backend_cls``: return our class when ``CUSTOM`` is selected.
+   Why: the CPU platform ignores the selected backend and always returns CPU_ATTN.
+3. ``<platform>.check_and_update_config``: validate the episodic config and the model
+   at start-up (API-server process), store the resolved settings back into
+   ``additional_config`` for the other processes, and turn off prefix caching.
+4. ``EngineArgs.create_model_config``: allow ``--max-model-len`` beyond the model's
+   trained length when episodic is selected (vLLM otherwise demands
+   VLLM_ALLOW_LONG_MAX_MODEL_LEN=1; the backend keeps positions in range itself).
+
+Removal: when vLLM's CPU platform honours ``CUSTOM`` (1, 2) and plugins can declare
+config sections (3).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+from vllm_episodic.config import ADDITIONAL_CONFIG_KEY, EpisodicConfig, EpisodicConfigError
+
+BACKEND_NAME = "EPISODIC"
+# the backend class per platform; adding the CUDA backend adds one entry here
+BACKEND_PATHS = {
+    "cpu": "vllm_episodic.integration.cpu_backend.EpisodicCPUBackend",
+}
+
+
+def _platform_key() -> str:
+    from vllm.platforms import current_platform
+
+    return "cpu" if current_platform.is_cpu() else current_platform.device_type
+
+
+def backend_path() -> str | None:
+    return BACKEND_PATHS.get(_platform_key())
+
+
+def is_episodic(vllm_config) -> bool:
+    """Whether this vLLM config selected the episodic backend."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    attention_config = getattr(vllm_config, "attention_config", None)
+    return (
+        attention_config is not None
+        and attention_config.backend is AttentionBackendEnum.CUSTOM
+        and _custom_is_ours()
+    )
+
+
+def _custom_is_ours() -> bool:
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    path = backend_path()
+    return path is not None and AttentionBackendEnum.CUSTOM.is_overridden() and (
+        AttentionBackendEnum.CUSTOM.get_path() == path
+    )
+
+
+def install_backend_name() -> None:
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    AttentionBackendEnum._member_map_[BACKEND_NAME] = AttentionBackendEnum.CUSTOM
+    path = backend_path()
+    if path is not None:
+        register_backend(AttentionBackendEnum.CUSTOM, path)
+
+
+def patch_platform() -> None:
+    from vllm.platforms import current_platform
+    from vllm.platforms.cpu import CpuPlatform
+
+    if current_platform.is_cpu():
+        _wrap_classmethod(CpuPlatform, "get_attn_backend_cls", _get_attn_backend_cls)
+    _wrap_classmethod(type(current_platform), "check_and_update_config", _check_and_update_config)
+
+
+def patch_engine_args() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    original = EngineArgs.create_model_config
+    if getattr(original, "_episodic", False):
+        return
+
+    @functools.wraps(original)
+    def create_model_config(self):
+        if not _names_episodic(self):
+            return original(self)
+        previous = os.environ.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN")
+        os.environ["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"
+        try:
+            return original(self)
+        finally:
+            if previous is None:
+                os.environ.pop("VLLM_ALLOW_LONG_MAX_MODEL_LEN", None)
+            else:
+                os.environ["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = previous
+
+    create_model_config._episodic = True
+    EngineArgs.create_model_config = create_model_config
+
+
+def _names_episodic(engine_args) -> bool:
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    chosen = engine_args.attention_backend
+    if chosen is None:
+        config = engine_args.attention_config
+        chosen = config.get("backend") if isinstance(config, dict) else getattr(config, "backend", None)
+    if isinstance(chosen, str):
+        return chosen.upper() in (BACKEND_NAME, "CUSTOM") and _custom_is_ours()
+    return chosen is AttentionBackendEnum.CUSTOM and _custom_is_ours()
+
+
+def _wrap_classmethod(cls, name: str, wrapper) -> None:
+    original = getattr(cls, name)
+    if getattr(original, "_episodic", False):
+        return
+    function = original.__func__
+
+    @functools.wraps(function)
+    def wrapped(klass, *args, **kwargs):
+        return wrapper(function, klass, *args, **kwargs)
+
+    wrapped._episodic = True
+    setattr(cls, name, classmethod(wrapped))
+
+
+def _get_attn_backend_cls(original, klass, selected_backend, attn_selector_config, num_heads=None):
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    if selected_backend is AttentionBackendEnum.CUSTOM and _custom_is_ours():
+        reasons = []
+        if attn_selector_config.use_mla:
+            reasons.append("multi-head latent attention (MLA)")
+        if attn_selector_config.use_sparse:
+            reasons.append("sparse attention")
+        if attn_selector_config.has_sink:
+            reasons.append("learned attention-sink logits")
+        if attn_selector_config.has_sliding_window:
+            reasons.append("the model's own sliding-window attention")
+        if reasons:
+            raise ValueError(
+                "the episodic attention backend cannot serve this model: "
+                + "; ".join(reasons)
+            )
+        return AttentionBackendEnum.CUSTOM.get_path()
+    return original(klass, selected_backend, attn_selector_config, num_heads)
+
+
+def _check_and_update_config(original, klass, vllm_config) -> None:
+    original(klass, vllm_config)
+    if not is_episodic(vllm_config):
+        return
+    from vllm_episodic.integration.model_support import (
+        SUPPORTED_MODELS_TEXT,
+        unsupported_feature_reasons,
+        unsupported_model_reasons,
+    )
+
+    if backend_path() is None:
+        raise ValueError(
+            f"the episodic attention backend runs on the CPU platform only in this "
+            f"release; this platform is {_platform_key()!r} (CUDA support: see README)"
+        )
+    config = EpisodicConfig.from_additional_config(vllm_config.additional_config)
+    model_config = vllm_config.model_config
+    if model_config is not None:
+        reasons = unsupported_model_reasons(model_config)
+        if reasons:
+            raise ValueError(
+                f"the episodic attention backend cannot serve {model_config.model!r}: "
+                + "; ".join(reasons)
+                + f". Supported: {SUPPORTED_MODELS_TEXT}."
+            )
+        config.check_model(trained_len(model_config), model_config.max_model_len)
+    reasons = unsupported_feature_reasons(vllm_config)
+    if reasons:
+        raise ValueError(
+            "the episodic attention backend does not support "
+            + "; ".join(reasons)
+            + " yet; remove the option or use another attention backend"
+        )
+    # every process rebuilds the config from here, presets already resolved
+    if not isinstance(vllm_config.additional_config, dict):
+        raise EpisodicConfigError("--additional-config must be a JSON object")
+    vllm_config.additional_config[ADDITIONAL_CONFIG_KEY] = config.model_dump()
+    # a prefix-cache hit would skip the prefill that surprise and events are made of
+    vllm_config.cache_config.enable_prefix_caching = False
+
+
+def trained_len(model_config) -> int:
+    """The context length the model was trained for (before any user override)."""
+    hf = model_config.hf_text_config
+    return int(
+        getattr(hf, "original_max_position_embeddings", None)
+        or getattr(hf, "max_position_embeddings", None)
+        or model_config.max_model_len
+    )
+
+
+def episodic_config(vllm_config) -> EpisodicConfig:
+    return EpisodicConfig.from_additional_config(vllm_config.additional_config)
