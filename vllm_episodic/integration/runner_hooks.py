@@ -1,13 +1,17 @@
 """Hooks on vLLM's V1 model runner (worker process).
 
-Patch: ``GPUModelRunner._update_states`` (inherited by the CPU runner).
-Why: it is where the worker learns the batch of each step and the requests that
-finished, were aborted or were preempted; the attention backend needs both and vLLM
-passes neither to it.
-How: before the original runs, release the memory of finished/preempted requests;
-after it, record the batch's request ids (row order is final by then).
+Patches (on ``GPUModelRunner``, whose methods the CPU runner inherits or calls):
+
+1. ``initialize_kv_cache``: create the runner's :class:`WorkerRuntime` once the model
+   and its KV cache exist. Why: the memory needs both, and no plugin hook runs then.
+2. ``_update_states``: it is where the worker learns the batch of each step and the
+   requests that finished, were aborted or were preempted; the attention backend
+   needs both and vLLM passes neither to it. How: before the original runs, release
+   the memory of finished/preempted requests; after it, record the batch's request
+   ids (row order is final by then).
+
 Removal: when attention metadata carries request ids (the V2 runner's ``req_idx``)
-and a request-finished callback exists for backends.
+and backends get a request-finished callback.
 """
 
 from __future__ import annotations
@@ -21,6 +25,13 @@ def install() -> None:
     original = GPUModelRunner._update_states
     if getattr(original, "_episodic", False):
         return
+    original_init_kv = GPUModelRunner.initialize_kv_cache
+
+    @functools.wraps(original_init_kv)
+    def initialize_kv_cache(self, *args, **kwargs):
+        result = original_init_kv(self, *args, **kwargs)
+        _runtime_of(self)
+        return result
 
     @functools.wraps(original)
     def _update_states(self, scheduler_output):
@@ -36,6 +47,7 @@ def install() -> None:
 
     _update_states._episodic = True
     GPUModelRunner._update_states = _update_states
+    GPUModelRunner.initialize_kv_cache = initialize_kv_cache
 
 
 def _runtime_of(runner):

@@ -1,0 +1,41 @@
+"""Shared fixtures: the default model, and in-process engines reused across tests.
+
+Engines are expensive (import + init take ~10 s on 2 cores), so each distinct set of
+engine arguments is built once per session and shared by every test that asks for it.
+"""
+
+from __future__ import annotations
+
+import os
+
+# in-process engines (no engine-core subprocess), 1 GiB of KV cache each
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+import pytest
+
+from vllm_episodic import models
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> str:
+    """The default model (SmolLM2-135M-Instruct) as a HF folder, fetched once."""
+    return str(models.fetch(models.DEFAULT_MODEL))
+
+
+@pytest.fixture(scope="session")
+def make_llm(model_dir):
+    """``make_llm(**engine_kwargs)``: a cached in-process ``vllm.LLM``."""
+    from vllm import LLM
+
+    cache: dict[str, LLM] = {}
+
+    def make(**kwargs):
+        key = repr(sorted(kwargs.items()))
+        if key not in cache:
+            defaults = dict(model=model_dir, enforce_eager=True, max_model_len=8192, seed=0)
+            cache[key] = LLM(**{**defaults, **kwargs})
+        return cache[key]
+
+    yield make
+    cache.clear()

@@ -1,0 +1,80 @@
+"""EpisodicConfig: defaults, presets, overrides and the messages of bad input."""
+
+import pytest
+
+from vllm_episodic.config import EpisodicConfig, EpisodicConfigError, preset_names
+
+
+def test_defaults_are_em_llm_choices():
+    config = EpisodicConfig()
+    assert (config.sink_tokens, config.window_tokens, config.retrieval_budget_tokens) == (128, 4096, 2048)
+    assert (config.min_event_tokens, config.max_event_tokens) == (8, 128)
+    assert config.segmentation == "surprise" and config.positions == "auto"
+
+
+def test_presets_ship_and_validate():
+    assert {"default", "fast", "infllm"} <= set(preset_names())
+    for name in preset_names():
+        EpisodicConfig.from_dict({"preset": name})
+
+
+def test_knobs_override_the_preset():
+    config = EpisodicConfig.from_additional_config(
+        {"episodic": {"preset": "fast", "window_tokens": 512}}
+    )
+    assert config.window_tokens == 512
+    assert config.retrieval_budget_tokens == 1024  # from the preset
+
+
+def test_preset_from_a_file(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("window_tokens: 777\nsegmentation: fixed\n")
+    config = EpisodicConfig.from_dict({"preset": str(path)})
+    assert (config.window_tokens, config.segmentation) == (777, "fixed")
+
+
+def test_no_episodic_section_means_defaults():
+    assert EpisodicConfig.from_additional_config({}) == EpisodicConfig()
+    assert EpisodicConfig.from_additional_config({"other_plugin": 1}) == EpisodicConfig()
+
+
+def test_unknown_key_lists_the_valid_keys():
+    with pytest.raises(EpisodicConfigError) as err:
+        EpisodicConfig.from_dict({"windw_tokens": 10})
+    message = str(err.value)
+    assert "unknown key 'windw_tokens'" in message and "window_tokens" in message
+
+
+@pytest.mark.parametrize(
+    "values, fragments",
+    [
+        ({"segmentation": "random"}, ["segmentation", "'surprise'", "'fixed'"]),
+        ({"positions": "absolute"}, ["positions", "'auto'", "'exact'", "'bounded'"]),
+        ({"window_tokens": -5}, ["window_tokens", "greater than or equal to 16"]),
+        ({"contiguity_share": 1.5}, ["contiguity_share", "less than 1"]),
+        ({"sink_tokens": "many"}, ["sink_tokens", "valid integer"]),
+        ({"min_event_tokens": 64, "max_event_tokens": 32}, ["min_event_tokens", "max_event_tokens"]),
+        ({"retrieval_budget_tokens": 64, "max_event_tokens": 128}, ["retrieval_budget_tokens", "one event fits"]),
+        ({"device_event_cache_tokens": 100}, ["device_event_cache_tokens", "retrieval_budget_tokens"]),
+    ],
+)
+def test_bad_values_name_the_field_and_what_it_accepts(values, fragments):
+    with pytest.raises(EpisodicConfigError) as err:
+        EpisodicConfig.from_dict(values)
+    for fragment in fragments:
+        assert fragment in str(err.value)
+
+
+def test_bad_preset_and_bad_section():
+    with pytest.raises(EpisodicConfigError, match="unknown preset 'nope'.*default"):
+        EpisodicConfig.from_dict({"preset": "nope"})
+    with pytest.raises(EpisodicConfigError, match="must be a JSON object"):
+        EpisodicConfig.from_additional_config({"episodic": [1, 2]})
+
+
+def test_model_check_keeps_memory_in_trained_range():
+    config = EpisodicConfig(window_tokens=8000)
+    config.check_model(trained_len=8192, max_model_len=8192)  # fits: nothing to bound
+    with pytest.raises(EpisodicConfigError, match="exceeds the model's trained length 8192"):
+        config.check_model(trained_len=8192, max_model_len=65536)
+    EpisodicConfig(window_tokens=8000, positions="exact").check_model(8192, 65536)
