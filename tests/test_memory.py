@@ -1,0 +1,141 @@
+"""The memory pipeline without vLLM: a simulated request against full attention.
+
+A "paged cache" here is just the full K/V of every token (rotated at its position,
+as vLLM stores them); the memory only reads the tokens it is allowed to.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from vllm_episodic.core.attention import attention_with_lse
+from vllm_episodic.core.memory import BatchRow, EpisodicMemory, ModelShape
+from vllm_episodic.core.rope import Rope, rope_table
+from vllm_episodic.metrics import Stats
+
+LAYERS, HEADS, KV_HEADS, DIM = 2, 4, 2, 32
+SCALE = DIM**-0.5
+
+
+def settings(**overrides):
+    values = dict(
+        sink_tokens=8, window_tokens=64, retrieval_budget_tokens=4096, min_event_tokens=4,
+        max_event_tokens=16, segmentation="surprise", surprise_gamma=0.5, surprise_window=32,
+        contiguity_share=0.3, refinement=False, refinement_metric="modularity",
+        representatives_per_event=2, device_event_cache_tokens=8192, positions="exact",
+    )
+    values.update(overrides)
+    return SimpleNamespace(**values)
+
+
+class Sequence:
+    """Random rotated q/k/v of one request, per layer."""
+
+    def __init__(self, length, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.rope = Rope(rope_table(4096, DIM, 10000.0), DIM, True)
+        pos = torch.arange(length)
+        self.q = [self.rope.rotate(torch.randn(length, HEADS, DIM, generator=g), pos) for _ in range(LAYERS)]
+        self.k = [self.rope.rotate(torch.randn(length, KV_HEADS, DIM, generator=g), pos) for _ in range(LAYERS)]
+        self.v = [torch.randn(length, KV_HEADS, DIM, generator=g) for _ in range(LAYERS)]
+        self.surprise = torch.rand(length, generator=g) * 4
+
+    def read(self, plan, layer, start, end):
+        return self.k[layer][start:end], self.v[layer][start:end]
+
+
+def run(seq, config, chunks, trained_len=4096):
+    """Feed the request in chunks; return every layer's attention output."""
+    memory = EpisodicMemory(config, ModelShape(LAYERS, HEADS, KV_HEADS, DIM, torch.float32, trained_len),
+                            seq.rope, Stats())
+    total = sum(chunks)
+    outputs = [torch.zeros(total, HEADS, DIM) for _ in range(LAYERS)]
+    done = 0
+    for n in chunks:
+        (plan,) = memory.plan_step([BatchRow("r", done, n, capacity=total)])
+        plan.memory.record_surprise(0, seq.surprise[: done + n])
+        s = config.sink_tokens
+        for layer in range(LAYERS):
+            q = seq.q[layer][done : done + n]
+            if plan.active:
+                out = plan.memory.attend(
+                    layer, plan, q, *seq.read(plan, layer, plan.local_start, done + n),
+                    *seq.read(plan, layer, 0, s), SCALE, seq.rope)
+            else:
+                out, _ = attention_with_lse(q, *seq.read(plan, layer, 0, done + n), SCALE,
+                                            torch.arange(done, done + n), torch.arange(done + n))
+            outputs[layer][done : done + n] = out
+            if plan.observe:
+                plan.memory.observe(layer, q)
+        memory.end_step([plan], seq.read)
+        done += n
+    return outputs, memory
+
+
+def full_attention(seq, layer):
+    n = seq.q[layer].shape[0]
+    out, _ = attention_with_lse(seq.q[layer], seq.k[layer], seq.v[layer], SCALE, torch.arange(n), torch.arange(n))
+    return out
+
+
+@pytest.mark.parametrize("chunks", [[300], [100, 1, 1, 50, 1, 1], [37] * 8 + [1] * 5], ids=["one", "mixed", "small"])
+@pytest.mark.parametrize("segmentation", ["surprise", "fixed"])
+def test_exact_positions_with_every_event_retrieved_equal_full_attention(chunks, segmentation):
+    seq = Sequence(sum(chunks))
+    outputs, memory = run(seq, settings(segmentation=segmentation), chunks)
+    request = memory.requests["r"]
+    assert request.store.num_events >= 4  # memory was really used
+    for layer in range(LAYERS):
+        torch.testing.assert_close(outputs[layer], full_attention(seq, layer), atol=2e-5, rtol=1e-4)
+
+
+def test_events_partition_the_tokens_that_left_the_window():
+    seq = Sequence(400)
+    _, memory = run(seq, settings(), [50] * 8)
+    store = memory.requests["r"].store
+    starts, ends = store.starts[: store.num_events], store.ends[: store.num_events]
+    assert int(starts[0]) == 8 and torch.equal(starts[1:], ends[:-1])
+    assert 400 - 64 - 16 < int(ends[-1]) <= 400 - 64
+    # stored keys are un-rotated: rotating them back gives the cache's keys
+    pos = torch.arange(8, int(ends[-1]))
+    for layer in range(LAYERS):
+        stored = store.keys[layer, :, : len(pos)].transpose(0, 1)
+        torch.testing.assert_close(seq.rope.rotate(stored, pos), seq.k[layer][8 : int(ends[-1])], atol=1e-5, rtol=1e-5)
+
+
+def test_bounded_positions_put_memory_at_window_distance():
+    seq = Sequence(300)
+    config = settings(positions="bounded")
+    outputs, memory = run(seq, config, [250, 1, 1])
+    # the last query by hand: local part exact, memory keys at position S, query at S + W
+    request = memory.requests["r"]
+    local = request.local_start
+    layer, t = 1, 251
+    q = seq.q[layer][t : t + 1]
+    ends = int(request.store.ends[request.store.num_events - 1])
+    mem_k = seq.rope.rotate(seq.k[layer][8:ends], torch.arange(8, ends), inverse=True)
+    mem_k = seq.rope.rotate(mem_k, torch.tensor(8))
+    q_global = seq.rope.rotate(q, torch.tensor([8 + 64 - t]))
+    keys_g = torch.cat((seq.k[layer][:8], mem_k))
+    values_g = torch.cat((seq.v[layer][:8], seq.v[layer][8:ends]))
+    og, lg = attention_with_lse(q_global, keys_g, values_g, SCALE)
+    ol, ll = attention_with_lse(q, seq.k[layer][local : t + 1], seq.v[layer][local : t + 1], SCALE)
+    from vllm_episodic.core.attention import merge_partials
+    torch.testing.assert_close(outputs[layer][t : t + 1], merge_partials(ol, ll, og, lg), atol=2e-5, rtol=1e-4)
+
+
+def test_budget_limits_what_is_attended_and_metrics_count():
+    seq = Sequence(600)
+    config = settings(retrieval_budget_tokens=64, min_event_tokens=8, max_event_tokens=16,
+                      device_event_cache_tokens=128)
+    _, memory = run(seq, config, [500] + [1] * 20)
+    stats = memory.stats
+    assert stats.get("events_retrieved") > 0
+    assert stats.get("device_cache_hits") > 0 and stats.get("device_cache_misses") > 0
+    request = memory.requests["r"]
+    assert 0 < request.cache.resident_tokens <= request.cache.capacity_tokens * LAYERS
+    memory.release(["r"])
+    assert memory.requests == {} and stats.get("host_bytes") == 0 and stats.get("requests_tracked") == 0

@@ -1,0 +1,44 @@
+"""Representatives: the mean of the most-attended keys of each event, per head."""
+
+import torch
+
+from vllm_episodic.core.representatives import representatives
+
+
+def test_picks_the_keys_the_queries_attend_to():
+    torch.manual_seed(42)
+    heads, kv_heads, dim = 4, 2, 16
+    lengths = torch.tensor([5, 9, 3])
+    keys = torch.randn(17, kv_heads, dim)
+    queries = torch.randn(6, heads, dim)
+    # make token 7 (event 1, rank 2) the obvious target of every query of head 0 (kv head 0)
+    keys[7, 0] = queries[:, 0].mean(0) * 20
+    reps = representatives(queries, keys, keys, lengths, top=1)
+    assert reps.shape == (3, heads, dim)
+    torch.testing.assert_close(reps[1, 0], keys[7, 0])
+
+
+def test_brute_force_per_event_and_head():
+    torch.manual_seed(7)
+    heads, kv_heads, dim, top = 6, 3, 8, 2
+    lengths = torch.tensor([4, 1, 6])
+    rotated = torch.randn(11, kv_heads, dim)
+    plain = torch.randn(11, kv_heads, dim)
+    queries = torch.randn(5, heads, dim)
+    reps = representatives(queries, rotated, plain, lengths, top=top)
+    start = 0
+    for e, n in enumerate(lengths.tolist()):
+        for h in range(heads):
+            g = h // (heads // kv_heads)
+            s = queries[:, h] @ rotated[start : start + n, g].T / dim**0.5  # [m, n]
+            mass = s.softmax(-1).sum(0)
+            best = mass.topk(min(top, n)).indices
+            torch.testing.assert_close(reps[e, h], plain[start + best, g].mean(0))
+        start += n
+
+
+def test_without_observations_uses_every_key():
+    keys = torch.randn(6, 1, 4)
+    reps = representatives(torch.empty(0, 2, 4), keys, keys, torch.tensor([2, 4]), top=8)
+    torch.testing.assert_close(reps[0, 1], keys[:2, 0].mean(0))
+    torch.testing.assert_close(reps[1, 0], keys[2:, 0].mean(0))

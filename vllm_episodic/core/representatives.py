@@ -1,0 +1,65 @@
+"""Representative keys of events, per layer and query head.
+
+EM-LLM represents an event by the mean key of its ``r`` most attended tokens. Here
+the attention comes from an *observation window*: the most recent queries of the
+request (SnapKV-style), each spreading one unit of attention over the tokens of
+every event by a softmax within the event. For query head h the representative is
+the mean un-rotated key (of h's KV head) over the event's r tokens with the most
+attention from head h.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def representatives(
+    obs_queries: torch.Tensor,
+    keys_rotated: torch.Tensor,
+    keys: torch.Tensor,
+    lengths: torch.Tensor,
+    top: int,
+) -> torch.Tensor:
+    """Representatives of consecutive events.
+
+    Args:
+        obs_queries: ``[m, num_heads, head_size]`` recent queries, rotated at their
+            positions (as vLLM hands them to attention); ``m`` may be 0.
+        keys_rotated: ``[n, num_kv_heads, head_size]`` the events' keys rotated at their
+            positions (as in the paged KV cache): scores use true relative distances.
+        keys: ``[n, num_kv_heads, head_size]`` the same keys un-rotated.
+        lengths: ``(k,)`` token count of each event; the events tile the n tokens.
+        top: tokens averaged per event and head.
+
+    Returns:
+        ``[k, num_heads, head_size]`` in ``keys.dtype``.
+    """
+    num_events = int(lengths.numel())
+    num_heads = obs_queries.shape[1]
+    num_kv_heads, head_size = keys.shape[1], keys.shape[2]
+    group = num_heads // num_kv_heads
+    longest = int(lengths.max())
+    # padded layout: event e, rank j -> token index first[e] + j
+    first = torch.cumsum(lengths, 0) - lengths
+    ranks = torch.arange(longest)
+    valid = ranks[None, :] < lengths[:, None]  # [k, longest]
+    index = (first[:, None] + ranks[None, :]).clamp(max=keys.shape[0] - 1)  # [k, longest]
+    if obs_queries.shape[0] > 0:
+        q = obs_queries.float().view(-1, num_kv_heads, group, head_size)
+        scores = torch.einsum("mgxd,ngd->gxmn", q, keys_rotated.float()) / head_size**0.5
+        scores = scores.reshape(num_heads, -1, keys.shape[0])[:, :, index]  # [H, m, k, longest]
+        scores = scores.masked_fill(~valid, float("-inf"))
+        mass = scores.softmax(-1).sum(1)  # [H, k, longest]
+    else:
+        mass = torch.zeros(num_heads, num_events, longest)
+    mass = mass.masked_fill(~valid, float("-inf"))
+    take = min(top, longest)
+    chosen = mass.topk(take, dim=-1).indices  # [H, k, take]
+    # events shorter than `take` repeat -inf picks: only count valid ones
+    chosen_valid = valid[torch.arange(num_events)[None, :, None], chosen]  # [H, k, take]
+    token = index[torch.arange(num_events)[None, :, None], chosen]  # [H, k, take]
+    kv_head = torch.arange(num_heads) // group  # [H]
+    picked = keys.float()[token, kv_head[:, None, None]]  # [H, k, take, D]
+    weight = chosen_valid.float().unsqueeze(-1)
+    reps = (picked * weight).sum(2) / weight.sum(2).clamp(min=1)  # [H, k, D]
+    return reps.transpose(0, 1).to(keys.dtype)
