@@ -145,6 +145,9 @@ class RequestMemory:
     store: HostStore | None = None
     cache: EventCache | None = None
     frame: str | None = None
+    carry_logits: torch.Tensor | None = None
+    """``[1, vocab]`` logits of the last computed token: they give the surprise of the
+    next token once it is known"""
     surprise: torch.Tensor = field(init=False)
     segmenter: Segmenter = field(init=False)
     contiguity: list[ContiguityBuffer] = field(init=False)

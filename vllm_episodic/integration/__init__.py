@@ -3,8 +3,9 @@
 ``register()`` runs in each vLLM process (API server, engine core, worker) through the
 ``vllm.general_plugins`` entry point. It checks the vLLM release, then applies the
 patches documented in each module: ``selection`` (backend name, platform, config
-checks), ``runner_hooks`` (request ids, finish/abort), and exposes our metrics on the
-process's prometheus registry.
+checks), ``kv_spec`` (a sink + window paged-KV spec), ``runner_hooks`` (request ids,
+finish/abort, surprise), ``rope_patch`` (RoPE table length), and exposes our metrics
+on the process's prometheus registry.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ def register() -> None:
 
     check_vllm_version()
     from vllm_episodic import metrics
-    from vllm_episodic.integration import runner_hooks, selection
+    from vllm_episodic.integration import kv_spec, runner_hooks, selection
 
+    kv_spec.register_spec()
     selection.install_backend_name()
     selection.patch_platform()
     selection.patch_engine_args()

@@ -4,6 +4,9 @@ Patches (on ``GPUModelRunner``, whose methods the CPU runner inherits or calls):
 
 1. ``initialize_kv_cache``: create the runner's :class:`WorkerRuntime` once the model
    and its KV cache exist. Why: the memory needs both, and no plugin hook runs then.
+1b. ``get_kv_cache_spec``: full-attention layers get a sink + window spec
+   (``kv_spec.py``), so the block manager frees what left the window. Why not the
+   backend's ``customize_spec`` hook: it runs without a current config.
 2. ``_update_states``: it is where the worker learns the batch of each step and the
    requests that finished, were aborted or were preempted; the attention backend
    needs both and vLLM passes neither to it. How: before the original runs, release
@@ -18,6 +21,8 @@ from __future__ import annotations
 
 import functools
 
+import torch
+
 
 def install() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
@@ -26,6 +31,20 @@ def install() -> None:
     if getattr(original, "_episodic", False):
         return
     original_init_kv = GPUModelRunner.initialize_kv_cache
+    original_spec = GPUModelRunner.get_kv_cache_spec
+
+    @functools.wraps(original_spec)
+    def get_kv_cache_spec(self):
+        specs = original_spec(self)
+        from vllm_episodic.integration.selection import episodic_config, is_episodic
+
+        if not is_episodic(self.vllm_config):
+            return specs
+        from vllm_episodic.integration.kv_spec import sink_window_spec
+
+        config = episodic_config(self.vllm_config)
+        window = config.window_tokens + config.max_event_tokens
+        return {name: sink_window_spec(spec, config.sink_tokens, window) for name, spec in specs.items()}
 
     @functools.wraps(original_init_kv)
     def initialize_kv_cache(self, *args, **kwargs):
@@ -48,6 +67,7 @@ def install() -> None:
     _update_states._episodic = True
     GPUModelRunner._update_states = _update_states
     GPUModelRunner.initialize_kv_cache = initialize_kv_cache
+    GPUModelRunner.get_kv_cache_spec = get_kv_cache_spec
 
 
 def _runtime_of(runner):
@@ -63,3 +83,27 @@ def _runtime_of(runner):
             runtime = WorkerRuntime(runner)
         runner._episodic_runtime = runtime
     return runtime
+
+
+def install_model_hooks(runtime, model) -> None:
+    """Forward hooks on the loaded model (not patches: torch's own hook API).
+
+    - on the model: its output is the step's final hidden states; with the step's
+      input ids they give every token's surprise, after which the runtime forms events;
+    - on its logits processor: the logits vLLM computes to sample the next token also
+      give that token's surprise at the next step.
+    """
+
+    def after_forward(module, args, kwargs, output):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if isinstance(output, torch.Tensor) and input_ids is not None:
+            runtime.after_forward(module, input_ids, output)
+
+    def after_logits(module, args, output):
+        if isinstance(output, torch.Tensor):
+            runtime.after_logits(output)
+
+    model.register_forward_hook(after_forward, with_kwargs=True)
+    processor = getattr(model, "logits_processor", None)
+    if processor is not None:
+        processor.register_forward_hook(after_logits)

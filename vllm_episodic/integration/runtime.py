@@ -1,15 +1,29 @@
-"""The episodic state of one vLLM worker process, and how the backend finds it.
+"""The episodic state of one vLLM model runner, and how the backend finds it.
 
 vLLM gives attention metadata builders no handle on the model runner, and its
 metadata carries no request ids. The runner hooks (``runner_hooks.py``) therefore
 create one :class:`WorkerRuntime` per model runner, keyed by the runner's
 ``VllmConfig`` object (the very object vLLM hands the builders), record each step's
 batch in it, and the builders find it with :func:`runtime_for`.
+
+A step, as the runtime sees it:
+
+1. ``_update_states`` hook: release finished/aborted/preempted requests, note the
+   batch's request ids (:meth:`on_requests_gone`, :meth:`on_batch_updated`);
+2. metadata build: :meth:`plan_step` plans every row (``EpisodicMemory.plan_step``);
+3. the layers attend (``cpu_backend.EpisodicCPUImpl``);
+4. model-forward hook: surprise of the step's tokens, then ``EpisodicMemory.end_step``
+   moves the tokens that left the window into events (:meth:`after_forward`);
+5. logits hook: keep each row's next-token logits for the next token's surprise.
 """
 
 from __future__ import annotations
 
-from vllm_episodic.core.memory import BatchRow, EpisodicMemory, RequestMemory
+import torch
+
+from vllm_episodic.core.memory import BatchRow, EpisodicMemory, ModelShape, RowPlan
+from vllm_episodic.core.rope import Rope
+from vllm_episodic.core.surprise import surprise_from_logits, token_surprise
 from vllm_episodic.metrics import Stats, StatsPublisher, metrics_dir
 
 # id(VllmConfig) -> runtime; each runtime keeps its config alive, so ids stay unique
@@ -26,21 +40,63 @@ def all_runtimes() -> list[WorkerRuntime]:
     return list(_runtimes.values())
 
 
+def _attention_isa(vllm_config) -> str:
+    """The ISA the CPU attention builder chose for this model's layers."""
+    layers = vllm_config.compilation_config.static_forward_context.values()
+    isas = {getattr(layer, "isa", None) for layer in layers} - {None}
+    if len(isas) != 1:
+        raise ValueError(f"expected one CPU attention ISA for all layers, found {isas}")
+    return isas.pop()
+
+
 class WorkerRuntime:
-    """Per-worker episodic state: the memory, the current batch and the metrics."""
+    """Per-runner episodic state: the memory, the current step and the metrics."""
 
     def __init__(self, runner):
-        from vllm_episodic.integration.selection import episodic_config
+        from vllm.model_executor.models.utils import extract_layer_index
 
-        self.vllm_config = runner.vllm_config
-        self.config = episodic_config(runner.vllm_config)
+        from vllm_episodic.integration.paged_kv import probe_layout, read_tokens
+        from vllm_episodic.integration.rope_patch import model_rope
+        from vllm_episodic.integration.selection import episodic_config, trained_len
+
+        vllm_config = runner.vllm_config
+        model_config, parallel = vllm_config.model_config, vllm_config.parallel_config
+        self.runner = runner
+        self.vllm_config = vllm_config
+        self.config = episodic_config(vllm_config)
+        self.max_model_len = model_config.max_model_len
         self.stats = Stats()
         self.publisher = StatsPublisher(metrics_dir())
-        self.memory = EpisodicMemory(self.stats)
+        self.rope: Rope = model_rope(runner.get_model(), self.max_model_len)
+        shape = ModelShape(
+            num_layers=model_config.get_num_layers(parallel),
+            num_heads=model_config.get_num_attention_heads(parallel),
+            num_kv_heads=model_config.get_num_kv_heads(parallel),
+            head_size=model_config.get_head_size(),
+            dtype=model_config.dtype,
+            trained_len=trained_len(model_config),
+        )
+        self.memory = EpisodicMemory(self.config, shape, self.rope, self.stats)
+        self._layer_index = extract_layer_index
+        self._read_tokens = read_tokens
+        self.layout = probe_layout(
+            _attention_isa(vllm_config), model_config.dtype,
+            vllm_config.cache_config.block_size, shape.head_size,
+        )
         # request ids of the batch that _update_states prepared, in row order;
         # consumed by the first metadata build of the step (dummy runs find None)
         self._pending_req_ids: list[str] | None = None
-        _runtimes[id(self.vllm_config)] = self
+        self.plans: list[RowPlan] | None = None
+        self._computing_surprise = False
+        _runtimes[id(vllm_config)] = self
+        from vllm_episodic.integration.runner_hooks import install_model_hooks
+
+        install_model_hooks(self, runner.get_model())
+
+    def layer_index(self, layer_name: str) -> int:
+        return self._layer_index(layer_name)
+
+    # ---- scheduler-side events ---------------------------------------------------
 
     def on_batch_updated(self, req_ids: list[str]) -> None:
         self._pending_req_ids = list(req_ids)
@@ -50,16 +106,84 @@ class WorkerRuntime:
             self.memory.release(req_ids)
             self.publisher.publish(self.stats, force=True)
 
-    def plan_step(self, query_start_loc_cpu, seq_lens_cpu) -> list[RequestMemory] | None:
-        """Memory of each batch row for the step being built; None in dummy runs."""
+    # ---- step --------------------------------------------------------------------
+
+    def plan_step(self, common_attn_metadata) -> list[RowPlan] | None:
+        """Plan every row of the step being built; None in dummy/profiling runs."""
         req_ids, self._pending_req_ids = self._pending_req_ids, None
-        if req_ids is None or len(req_ids) != len(seq_lens_cpu):
+        num_reqs = common_attn_metadata.num_reqs
+        if req_ids is None or len(req_ids) != num_reqs:
+            self.plans = None
             return None
-        query_lens = (query_start_loc_cpu[1:] - query_start_loc_cpu[:-1]).tolist()
+        qsl = common_attn_metadata.query_start_loc_cpu[: num_reqs + 1]
+        query_lens = (qsl[1:] - qsl[:-1]).tolist()
+        seq_lens = common_attn_metadata.seq_lens[:num_reqs].cpu().tolist()
         rows = [
-            BatchRow(req_id, int(seq_len) - q, q)
-            for req_id, seq_len, q in zip(req_ids, seq_lens_cpu.tolist(), query_lens)
+            BatchRow(req_id, seq_len - q, q, self._capacity(req_id, seq_len))
+            for req_id, seq_len, q in zip(req_ids, seq_lens, query_lens)
         ]
-        batch = self.memory.plan_step(rows)
+        self.plans = self.memory.plan_step(rows, common_attn_metadata.block_table_tensor[:num_reqs])
         self.publisher.publish(self.stats)
-        return batch
+        return self.plans
+
+    def _capacity(self, req_id: str, seq_len: int) -> int:
+        """The request's largest possible length: prompt + max new tokens."""
+        state = self.runner.requests.get(req_id)
+        if state is None or state.sampling_params is None:
+            return self.max_model_len
+        max_tokens = state.sampling_params.max_tokens or self.max_model_len
+        return max(seq_len, min(self.max_model_len, state.num_prompt_tokens + max_tokens))
+
+    def read_tokens(self, plan: RowPlan, layer: int, start: int, end: int):
+        """K/V of tokens [start, end) of a row from layer's paged KV cache."""
+        return self._read_tokens(self.runner.kv_caches[layer], self.layout, plan.block_row, start, end)
+
+    def needs_surprise(self, plan: RowPlan) -> bool:
+        """Surprise matters only for requests that can outgrow sinks + window."""
+        c = self.config
+        return c.segmentation == "surprise" and plan.memory.capacity > c.sink_tokens + c.window_tokens
+
+    def after_forward(self, model, input_ids: torch.Tensor, hidden: torch.Tensor) -> None:
+        """Surprise of the step's tokens, then events out of the tokens that left the window."""
+        plans = self.plans
+        if plans is None:
+            return
+        rows, targets, owners = [], [], []
+        for plan in plans:
+            if not self.needs_surprise(plan):
+                continue
+            first, n = plan.first_query, plan.num_scheduled
+            carry = plan.memory.carry_logits
+            if carry is not None and plan.num_computed > 0:
+                token = input_ids[first : first + 1]
+                plan.memory.record_surprise(plan.num_computed, surprise_from_logits(carry, token))
+            plan.memory.carry_logits = None
+            if n > 1:
+                rows.append(hidden[first : first + n - 1])
+                targets.append(input_ids[first + 1 : first + n])
+                owners.append((plan, n - 1))
+        if rows:
+            self._computing_surprise = True
+            try:
+                values = token_surprise(torch.cat(rows), torch.cat(targets), model.compute_logits)
+            finally:
+                self._computing_surprise = False
+            offset = 0
+            for plan, n in owners:
+                plan.memory.record_surprise(plan.num_computed + 1, values[offset : offset + n])
+                offset += n
+        self.memory.end_step(plans, self.read_tokens)
+        self.publisher.publish(self.stats)
+
+    def after_logits(self, logits: torch.Tensor) -> None:
+        """Keep each row's logits: they give the surprise of the token sampled from them."""
+        plans = self.plans
+        if plans is None or self._computing_surprise or logits.shape[0] != len(plans):
+            return
+        keep = [i for i, plan in enumerate(plans) if self.needs_surprise(plan)]
+        if not keep:
+            return
+        # the sampler may modify logits in place: keep a copy
+        rows = logits[keep].float()
+        for j, i in enumerate(keep):
+            plans[i].memory.carry_logits = rows[j : j + 1]

@@ -1,0 +1,90 @@
+"""Reading tokens out of vLLM's CPU paged KV cache.
+
+A layer's cache is ``[num_blocks, num_kv_heads, block_size, 2 * head_size]`` in shape;
+per (block, KV head) the first ``block_size * head_size`` elements hold keys and the
+rest values. *Inside* those halves the C++ op lays elements out for its SIMD kernels,
+and the layout depends on the ISA it picked (measured: ``vec``/``vec16`` store keys
+transposed, ``[head_size, block_size]``; ``amx`` interleaves pairs of features in
+16-token tiles; values are row-major). Rather than hard-coding layouts, the runtime
+*probes* once at start-up: it writes index-coded keys and values with vLLM's own
+``cpu_attn_reshape_and_cache`` and records where each (token, feature) landed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Where (token, feature) of a block half lives: flat index ``[block_size * head_size]``
+    into the half, in (token, feature) order."""
+
+    key_index: torch.Tensor
+    value_index: torch.Tensor
+    block_size: int
+    head_size: int
+
+
+def probe_layout(isa: str, dtype: torch.dtype, block_size: int, head_size: int) -> BlockLayout:
+    """Discover the op's in-block layout by writing coded keys/values through it."""
+    from vllm import _custom_ops as ops
+
+    index = []
+    for half in (0, 1):
+        coords = []
+        # two passes with small integers (exact even in bfloat16): token, then feature
+        for code in (torch.arange(block_size)[:, None].expand(block_size, head_size),
+                     torch.arange(head_size)[None, :].expand(block_size, head_size)):
+            cache = torch.full((1, 1, block_size, 2 * head_size), -1.0, dtype=dtype)
+            view = cache.view(1, 1, 2 * block_size, head_size)
+            key_cache, value_cache = view.chunk(2, dim=2)
+            data = code.to(dtype).reshape(block_size, 1, head_size).contiguous()
+            zeros = torch.zeros_like(data)
+            keys, values = (data, zeros) if half == 0 else (zeros, data)
+            ops.cpu_attn_reshape_and_cache(
+                keys, values, key_cache, value_cache, torch.arange(block_size), isa,
+                k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto",
+            )
+            coords.append(cache.view(2, block_size * head_size)[half].float().round().long())
+        token, feature = coords
+        flat = token * head_size + feature  # logical (t, d) stored at each offset
+        if sorted(flat.tolist()) != list(range(block_size * head_size)):
+            raise ValueError(f"could not map the CPU KV cache layout of ISA {isa!r}")
+        where = torch.empty_like(flat)
+        where[flat] = torch.arange(flat.numel())
+        index.append(where)
+    return BlockLayout(index[0], index[1], block_size, head_size)
+
+
+def read_tokens(
+    kv_cache: torch.Tensor, layout: BlockLayout, block_row: torch.Tensor, start: int, end: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of tokens ``[start, end)`` of one request.
+
+    Args:
+        kv_cache: one layer's cache, as vLLM allocated it.
+        layout: the op's in-block layout (:func:`probe_layout`).
+        block_row: ``(max_blocks,)`` the request's block table row.
+
+    Returns:
+        ``keys, values [end - start, num_kv_heads, head_size]`` (copies).
+    """
+    num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
+    head_size = layout.head_size
+    if end <= start:
+        empty = kv_cache.new_empty((0, num_kv_heads, head_size))
+        return empty, empty
+    first, last = start // block_size, (end - 1) // block_size + 1
+    blocks = block_row[first:last].to(torch.long)
+    halves = kv_cache.view(num_blocks, num_kv_heads, 2, block_size * head_size).index_select(0, blocks)
+    offset = start - first * block_size
+    out = []
+    for half, index in ((0, layout.key_index), (1, layout.value_index)):
+        data = halves[:, :, half].index_select(-1, index)  # [blocks, kvH, bs * D] in (t, d) order
+        data = data.view(-1, num_kv_heads, block_size, head_size).transpose(1, 2)
+        data = data.reshape(-1, num_kv_heads, head_size)[offset : offset + end - start]
+        out.append(data)
+    return out[0], out[1]
