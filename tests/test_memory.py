@@ -47,24 +47,29 @@ class Sequence:
         return self.k[layer][start:end], self.v[layer][start:end]
 
 
+BLOCK = 16
+
+
 def run(seq, config, chunks, trained_len=4096):
-    """Feed the request in chunks; return every layer's attention output."""
-    memory = EpisodicMemory(config, ModelShape(LAYERS, HEADS, KV_HEADS, DIM, torch.float32, trained_len),
-                            seq.rope, Stats())
+    """Feed the request in chunks (reference mode); return every layer's attention output."""
+    shape = ModelShape(LAYERS, HEADS, KV_HEADS, DIM, torch.float32, trained_len, BLOCK)
+    memory = EpisodicMemory(config, shape, seq.rope, Stats(), reference=True)
     total = sum(chunks)
     outputs = [torch.zeros(total, HEADS, DIM) for _ in range(LAYERS)]
     done = 0
     for n in chunks:
         (plan,) = memory.plan_step([BatchRow("r", done, n, capacity=total)])
         plan.memory.record_surprise(0, seq.surprise[: done + n])
-        s = config.sink_tokens
         for layer in range(LAYERS):
             q = seq.q[layer][done : done + n]
-            if plan.active:
-                out = plan.memory.attend(
-                    layer, plan, q, *seq.read(plan, layer, plan.local_start, done + n),
-                    *seq.read(plan, layer, 0, s), SCALE, seq.rope)
+            if plan.mode == "reference":
+                selection = plan.memory.select(layer, plan, q)
+                assert sum(selection.values()) == plan.memory_tokens
+                out = plan.memory.reference_attention(
+                    layer, plan, q, selection, *seq.read(plan, layer, plan.local_start, done + n),
+                    SCALE, seq.rope)
             else:
+                assert plan.mode == "natural"
                 out, _ = attention_with_lse(q, *seq.read(plan, layer, 0, done + n), SCALE,
                                             torch.arange(done, done + n), torch.arange(done + n))
             outputs[layer][done : done + n] = out
@@ -97,45 +102,48 @@ def test_events_partition_the_tokens_that_left_the_window():
     _, memory = run(seq, settings(), [50] * 8)
     store = memory.requests["r"].store
     starts, ends = store.starts[: store.num_events], store.ends[: store.num_events]
-    assert int(starts[0]) == 8 and torch.equal(starts[1:], ends[:-1])
+    # sinks round up to a whole block (16 here)
+    assert int(starts[0]) == 16 and torch.equal(starts[1:], ends[:-1])
     assert 400 - 64 - 16 < int(ends[-1]) <= 400 - 64
     # stored keys are un-rotated: rotating them back gives the cache's keys
-    pos = torch.arange(8, int(ends[-1]))
+    pos = torch.arange(0, int(ends[-1]))
     for layer in range(LAYERS):
         stored = store.keys[layer, :, : len(pos)].transpose(0, 1)
-        torch.testing.assert_close(seq.rope.rotate(stored, pos), seq.k[layer][8 : int(ends[-1])], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(seq.rope.rotate(stored, pos), seq.k[layer][: int(ends[-1])], atol=1e-5, rtol=1e-5)
 
 
-def test_bounded_positions_put_memory_at_window_distance():
+def test_bounded_positions_put_memory_at_an_anchor_window_tokens_back():
     seq = Sequence(300)
-    config = settings(positions="bounded")
-    outputs, memory = run(seq, config, [250, 1, 1])
-    # the last query by hand: local part exact, memory keys at position S, query at S + W
+    outputs, memory = run(seq, settings(positions="bounded"), [250, 1, 1])
     request = memory.requests["r"]
-    local = request.local_start
+    anchor = 250 - 64  # set when the first step with memory ran (query 250)
+    assert request.anchor == anchor
     layer, t = 1, 251
-    q = seq.q[layer][t : t + 1]
-    ends = int(request.store.ends[request.store.num_events - 1])
-    mem_k = seq.rope.rotate(seq.k[layer][8:ends], torch.arange(8, ends), inverse=True)
-    mem_k = seq.rope.rotate(mem_k, torch.tensor(8))
-    q_global = seq.rope.rotate(q, torch.tensor([8 + 64 - t]))
-    keys_g = torch.cat((seq.k[layer][:8], mem_k))
-    values_g = torch.cat((seq.v[layer][:8], seq.v[layer][8:ends]))
-    og, lg = attention_with_lse(q_global, keys_g, values_g, SCALE)
-    ol, ll = attention_with_lse(q, seq.k[layer][local : t + 1], seq.v[layer][local : t + 1], SCALE)
-    from vllm_episodic.core.attention import merge_partials
-    torch.testing.assert_close(outputs[layer][t : t + 1], merge_partials(ol, ll, og, lg), atol=2e-5, rtol=1e-4)
+    local = request.open_start // BLOCK * BLOCK
+    unrotated = seq.rope.rotate(seq.k[layer][:local], torch.arange(local), inverse=True)
+    sink_k = seq.rope.rotate(unrotated[:16], torch.arange(16) + anchor - 16)
+    mem_k = seq.rope.rotate(unrotated[16:], torch.tensor(anchor))
+    keys = torch.cat((sink_k, mem_k, seq.k[layer][local : t + 1]))
+    values = seq.v[layer][: t + 1]
+    expected, _ = attention_with_lse(seq.q[layer][t : t + 1], keys, values, SCALE)
+    torch.testing.assert_close(outputs[layer][t : t + 1], expected, atol=2e-5, rtol=1e-4)
 
 
-def test_budget_limits_what_is_attended_and_metrics_count():
-    seq = Sequence(600)
-    config = settings(retrieval_budget_tokens=64, min_event_tokens=8, max_event_tokens=16,
-                      device_event_cache_tokens=128)
-    _, memory = run(seq, config, [500] + [1] * 20)
-    stats = memory.stats
-    assert stats.get("events_retrieved") > 0
-    assert stats.get("device_cache_hits") > 0 and stats.get("device_cache_misses") > 0
+def test_selection_fills_the_budget_exactly_before_the_local_part():
+    seq = Sequence(700)
+    config = settings(retrieval_budget_tokens=64, min_event_tokens=4, max_event_tokens=16)
+    _, memory = run(seq, config, [600] + [1] * 10)
     request = memory.requests["r"]
-    assert 0 < request.cache.resident_tokens <= request.cache.capacity_tokens * LAYERS
+    (plan,) = memory.plan_step([BatchRow("r", 610, 1, capacity=700)])
+    assert plan.memory_tokens == 64 and plan.local_start % BLOCK == 0
+    for layer in range(LAYERS):
+        chosen = request.select(layer, plan, seq.q[layer][610:611])
+        assert sum(chosen.values()) == 64
+        for event, count in chosen.items():
+            start = int(request.store.starts[event])
+            assert 0 < count <= int(request.store.ends[event]) - start
+            assert start + count <= plan.local_start
+    assert memory.stats.get("events_retrieved") > 0
     memory.release(["r"])
-    assert memory.requests == {} and stats.get("host_bytes") == 0 and stats.get("requests_tracked") == 0
+    assert memory.requests == {} and memory.stats.get("host_bytes") == 0
+    assert memory.stats.get("requests_tracked") == 0

@@ -1,106 +1,126 @@
-"""The device event cache of one request: an LRU of events per layer.
+"""The device event cache of one request: which event tokens sit in which slots.
 
-Each layer has a pool of ``num_blocks`` blocks of ``block_size`` token slots::
+The cache is a fixed set of token slots per layer (on vLLM: KV blocks that the
+request owns). Attention reads the first ``attended`` slots, which must hold exactly
+the tokens retrieved for this step; the slots after them are a reserve that keeps
+recently dropped events (least recently used go first), so that an event retrieved
+again is a device-side move instead of a host→device copy.
 
-    keys, values  [num_layers, num_kv_heads, num_blocks * block_size, head_size]
-
-An event occupies ``ceil(len / block_size)`` blocks (not necessarily adjacent). Its
-keys are stored *rotated to their attention-time positions*, so a hit costs no
-work. When a retrieval needs more room, the least recently retrieved events that
-are not part of the current selection are evicted. ``fetch`` returns the slot
-index of every token of the selected events, which attention gathers in one op.
+Event tokens are cached as prefixes: ``count`` tokens of event e are its first
+``count`` tokens (a retrieval can take part of an event to fill the budget exactly).
+This class only does the bookkeeping; the caller copies the K/V it is told to.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
-
-import torch
-
-# loader(layer, event_ids) -> (keys, values [kvH, n, D] rotated, lengths (k,))
-Loader = Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+from dataclasses import dataclass, field
 
 
-class EventCache:
-    def __init__(
-        self,
-        num_layers: int,
-        num_kv_heads: int,
-        head_size: int,
-        dtype: torch.dtype,
-        capacity_tokens: int,
-        block_size: int = 16,
-        device: torch.device | str = "cpu",
-    ):
-        self.block_size = block_size
-        self.num_blocks = max(1, capacity_tokens // block_size)
-        shape = (num_layers, num_kv_heads, self.num_blocks * block_size, head_size)
-        self.keys = torch.empty(shape, dtype=dtype, device=device)
-        self.values = torch.empty(shape, dtype=dtype, device=device)
-        # per layer: event id -> slot index of its tokens, in least-recently-used order
-        self.resident: list[OrderedDict[int, torch.Tensor]] = [OrderedDict() for _ in range(num_layers)]
-        self.free: list[list[int]] = [list(range(self.num_blocks)) for _ in range(num_layers)]
-        self._slot_offsets = torch.arange(block_size)
-        # event tokens resident, summed over layers
-        self.resident_tokens = 0
+@dataclass
+class SlotPlan:
+    """What to copy into one layer's slots before it attends."""
 
-    @property
-    def capacity_tokens(self) -> int:
-        return self.num_blocks * self.block_size
+    loads: list[tuple[int, int, int, list[int]]] = field(default_factory=list)
+    """(event, first rank, count, slots): tokens to bring from the host store"""
+    moves: list[tuple[list[int], list[int]]] = field(default_factory=list)
+    """(from slots, to slots): tokens already on the device that change slot"""
+    hits: int = 0
+    misses: int = 0
+
+
+class EventSlots:
+    """Slot bookkeeping of one request, one instance per layer."""
+
+    def __init__(self, num_slots: int):
+        self.num_slots = num_slots
+        self.attended = 0
+        # event -> slots holding its first len(slots) tokens, for attended events
+        self.active: dict[int, list[int]] = {}
+        # reserve: event -> slots, least recently used first
+        self.reserve: OrderedDict[int, list[int]] = OrderedDict()
+        self._free_active: list[int] = []
+        self._free_reserve: list[int] = list(range(num_slots - 1, -1, -1))
 
     def clear(self) -> None:
-        """Drop every event (their rotation frame changed)."""
-        for layer, resident in enumerate(self.resident):
-            resident.clear()
-            self.free[layer] = list(range(self.num_blocks))
-        self.resident_tokens = 0
+        """Forget everything (the keys' rotation changed)."""
+        self.active.clear()
+        self.reserve.clear()
+        self.attended = 0
+        self._free_active = []
+        self._free_reserve = list(range(self.num_slots - 1, -1, -1))
 
-    def fetch(self, layer: int, event_ids: list[int], loader: Loader) -> tuple[torch.Tensor, int, int]:
-        """Make ``event_ids`` resident in ``layer``'s pool.
+    def resident_tokens(self) -> int:
+        return sum(map(len, self.active.values())) + sum(map(len, self.reserve.values()))
 
-        Returns:
-            ``(slots, hits, misses)``: ``slots`` is the ``(tokens,)`` slot index of every
-            token of the events, in the order of ``event_ids``.
+    def update(self, selection: dict[int, int], attended: int) -> SlotPlan:
+        """Make the first ``attended`` slots hold exactly ``selection`` (event -> count).
+
+        ``sum(selection.values())`` must equal ``attended``.
         """
-        resident = self.resident[layer]
-        missing = [e for e in event_ids if e not in resident]
-        hits = len(event_ids) - len(missing)
-        if missing:
-            keys, values, lengths = loader(layer, torch.tensor(missing, dtype=torch.long))
-            needed = [-(-int(n) // self.block_size) for n in lengths.tolist()]
-            self._make_room(layer, sum(needed), keep=set(event_ids))
-            free = self.free[layer]
-            slot_lists = []
-            for event, length, blocks_needed in zip(missing, lengths.tolist(), needed):
-                blocks = torch.tensor([free.pop() for _ in range(blocks_needed)], dtype=torch.long)
-                slots = (blocks[:, None] * self.block_size + self._slot_offsets).flatten()[:length]
-                resident[event] = slots
-                slot_lists.append(slots)
-                self.resident_tokens += length
-            all_slots = torch.cat(slot_lists)
-            self.keys[layer].index_copy_(1, all_slots, keys)
-            self.values[layer].index_copy_(1, all_slots, values)
-        for event in event_ids:
-            resident.move_to_end(event)
-        if not event_ids:
-            return torch.empty(0, dtype=torch.long), 0, 0
-        return torch.cat([resident[e] for e in event_ids]), hits, len(missing)
-
-    def _make_room(self, layer: int, blocks: int, keep: set[int]) -> None:
-        resident, free = self.resident[layer], self.free[layer]
-        if blocks > self.num_blocks:
-            raise ValueError(
-                f"device event cache of {self.capacity_tokens} tokens cannot hold "
-                f"{blocks * self.block_size} tokens of retrieved events"
-            )
-        for event in list(resident):
-            if len(free) >= blocks:
-                break
-            if event in keep:
+        if sum(selection.values()) != attended or attended > self.num_slots:
+            raise ValueError(f"selection of {sum(selection.values())} tokens for {attended} slots")
+        plan = SlotPlan()
+        if attended != self.attended:
+            self._resize(attended)
+        # 1. shrink or drop active events that are no longer (fully) selected
+        for event in list(self.active):
+            slots = self.active[event]
+            keep = selection.get(event, 0)
+            if keep >= len(slots):
                 continue
-            slots = resident.pop(event)
-            self.resident_tokens -= int(slots.numel())
-            free.extend(torch.unique(slots // self.block_size).tolist())
-        if len(free) < blocks:
-            raise ValueError("device event cache too small for the current selection")
+            dropped = slots[keep:]
+            if keep == 0:
+                del self.active[event]
+                self._to_reserve(event, slots, plan)
+            else:
+                self.active[event] = slots[:keep]
+                self._free_active.extend(dropped)
+        # 2. grow or add selected events
+        for event, count in selection.items():
+            have = self.active.get(event, [])
+            if len(have) >= count:
+                if have:
+                    plan.hits += 1
+                continue
+            need = count - len(have)
+            slots = [self._free_active.pop() for _ in range(need)]
+            cached = self.reserve.pop(event, None)
+            if cached is not None and len(have) == 0:
+                usable = cached[:need]
+                plan.moves.append((usable, slots[: len(usable)]))
+                self._free_reserve.extend(cached)
+                if len(usable) < need:
+                    plan.loads.append((event, len(usable), need - len(usable), slots[len(usable):]))
+                plan.hits += 1
+            else:
+                if cached is not None:
+                    self._free_reserve.extend(cached)
+                plan.loads.append((event, len(have), need, slots))
+                plan.misses += 1
+            self.active[event] = have + slots
+        return plan
+
+    def _resize(self, attended: int) -> None:
+        """Grow the attended region ``[0, attended)`` into the reserve (or restart)."""
+        if attended < self.attended:
+            self.clear()
+        for event in [e for e, slots in self.reserve.items() if min(slots) < attended]:
+            self._free_reserve.extend(self.reserve.pop(event))
+        newly = [s for s in self._free_reserve if s < attended]
+        self._free_reserve = [s for s in self._free_reserve if s >= attended]
+        self._free_active.extend(newly)
+        self.attended = attended
+
+    def _to_reserve(self, event: int, slots: list[int], plan: SlotPlan) -> None:
+        """An event leaves the attended slots: keep it in the reserve if there is room."""
+        self._free_active.extend(slots)
+        capacity = self.num_slots - self.attended
+        if len(slots) > capacity:
+            return
+        while len(self._free_reserve) < len(slots) and self.reserve:
+            _, old = self.reserve.popitem(last=False)
+            self._free_reserve.extend(old)
+        target = [self._free_reserve.pop() for _ in range(len(slots))]
+        plan.moves.append((list(slots), target))
+        self.reserve[event] = target

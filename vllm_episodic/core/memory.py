@@ -1,30 +1,38 @@
 """The episodic memory of a worker: one :class:`RequestMemory` per request.
 
+Token layout of a request with ``L`` computed tokens (``bs``: paged-KV block size)::
+
+    [0, S)                   sinks (S = sink_tokens rounded up to whole blocks)
+    [S, C)                   first memory tokens; later their KV blocks become the
+                             request's device event cache (C − S slots)
+    [S, open)                closed events (host store)
+    [open, L)                the event being formed + the local window
+
 A step has three phases:
 
-1. :meth:`EpisodicMemory.plan_step` (before the layers run): what each batch row does
-   in this step: its local window, its position frame, whether memory is active.
-2. per layer, :meth:`RequestMemory.attend` (retrieve events and attend over sinks +
-   events + local window) and :meth:`RequestMemory.observe` (keep the latest queries).
+1. :meth:`EpisodicMemory.plan_step` (before the layers run) decides each row's *mode*:
+   ``natural`` – nothing is in memory yet, or the memory tokens are still in their
+   own KV blocks: plain causal attention over the natural block table (identical to
+   stock vLLM); ``assembled`` – attention over sinks + the event cache's attended
+   slots + local blocks from ``local_start = ⌊open / bs⌋·bs``, one softmax (the
+   platform op over an assembled block table); ``reference`` – the same attention in
+   torch (a fallback, and the reference the op path is tested against).
+2. per layer: :meth:`RequestMemory.select` retrieves events for exactly
+   ``memory_tokens`` tokens (similarity top-k + contiguity, the last event possibly
+   cut), the caller fills the slots, attends, and :meth:`RequestMemory.observe`
+   keeps the latest queries.
 3. :meth:`EpisodicMemory.end_step` (after the model forward, once the step's surprise
-   is known): the tokens that left the local window are cut into events and move from
-   the paged KV cache to the host store with their representatives. This happens
-   before the scheduler frees their blocks at the start of the next step.
+   is known): tokens that left the window become events and move from the paged KV
+   cache to the host store, before the scheduler frees their blocks.
 
-Token layout of a request with ``L`` computed tokens::
+Positions: vLLM hands over queries and keys rotated at their absolute positions; the
+local part is attended as is (exact relative distances). Memory keys are rotated to:
 
-    [0, S)            sinks: always attended, stay in the paged KV cache
-    [S, local_start)  memory: closed events, in the host store
-    [local_start, L)  local window (+ the event still being formed): paged KV cache
-
-Positions: vLLM hands over queries and keys rotated at their absolute positions.
-The local window is attended as it is (exact relative distances, at most
-window + one event + one prefill chunk). Memory is attended in one of two frames:
-
-- ``exact``: event keys rotated at their true positions (equals full attention
-  when every event is retrieved);
-- ``bounded`` (InfLLM/EM-LLM): every memory token sits at position S and the query
-  at S + window, so memory is always ``window`` tokens away, inside the trained range.
+- ``exact``: their true positions (with every event retrieved: full attention);
+- ``bounded`` (InfLLM/EM-LLM): one *anchor* position A: memory tokens at A, sink i at
+  A − S + i, with A = (first query) − window, so memory sits ``window`` tokens before
+  the queries (up to ``window + REANCHOR + chunk``; past that A moves and the cache
+  is rewritten). The model thus never sees a distance beyond its trained range.
 
 ``auto`` uses ``exact`` while the context fits the model's trained length.
 """
@@ -39,10 +47,10 @@ from typing import Protocol
 import torch
 
 from vllm_episodic.core.attention import attention_with_lse, merge_partials
-from vllm_episodic.core.event_cache import EventCache
+from vllm_episodic.core.event_cache import EventSlots
 from vllm_episodic.core.refinement import key_similarity, refine_boundaries
 from vllm_episodic.core.representatives import representatives
-from vllm_episodic.core.retrieval import ContiguityBuffer, retrieve, similarity_scores
+from vllm_episodic.core.retrieval import ContiguityBuffer, similarity_scores, top_within_budget
 from vllm_episodic.core.rope import Rope
 from vllm_episodic.core.segmentation import Segmenter
 from vllm_episodic.core.store import HostStore
@@ -50,10 +58,8 @@ from vllm_episodic.metrics import Stats
 
 #: recent queries per layer that decide an event's representatives
 OBSERVATION_QUERIES = 32
-#: queries of a prefill chunk that share one retrieval (EM-LLM: 512)
-RETRIEVAL_CHUNK = 512
-#: token slots per block of the device event cache
-CACHE_BLOCK = 16
+#: how far (in tokens) queries may drift past the bounded anchor before it moves
+REANCHOR = 128
 
 
 class Settings(Protocol):
@@ -84,6 +90,29 @@ class ModelShape:
     dtype: torch.dtype
     trained_len: int
     """context length the model was trained for"""
+    block_size: int
+    """paged-KV block size: sinks, cache and local part are aligned to it"""
+
+
+def _align_up(n: int, block: int) -> int:
+    return -(-n // block) * block
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Token boundaries shared by all requests (see the module docstring)."""
+
+    sinks: int
+    cache_end: int
+    max_memory: int
+    """largest number of memory tokens attended per step (budget, whole blocks)"""
+
+    @classmethod
+    def of(cls, settings: Settings, block_size: int) -> Layout:
+        sinks = _align_up(settings.sink_tokens, block_size)
+        max_memory = settings.retrieval_budget_tokens // block_size * block_size
+        slots = _align_up(max(settings.device_event_cache_tokens, max_memory), block_size)
+        return cls(sinks=sinks, cache_end=sinks + slots, max_memory=max_memory)
 
 
 @dataclass(frozen=True)
@@ -108,23 +137,30 @@ class RowPlan:
     """index of the row's first query in the step's flattened tokens"""
     num_computed: int
     num_scheduled: int
+    mode: str
+    """``natural``, ``assembled`` or ``reference`` (module docstring)"""
     local_start: int
-    """first token attended in the local part"""
-    block_row: torch.Tensor | None
-    """(max_blocks,) the row's paged-KV block table"""
+    """first token of the local part (block aligned; 0 in natural mode)"""
+    memory_tokens: int
+    """memory tokens attended per layer (0 in natural mode)"""
     frame: str
     """``exact`` or ``bounded``"""
+    anchor: int
+    """bounded frame: where memory sits"""
+    rewrite: bool
+    """the event cache's keys must be rewritten (new frame or anchor)"""
+    block_row: torch.Tensor | None
+    """(max_blocks,) the row's paged-KV block table"""
     observe: bool
     """keep this step's queries for future representatives"""
 
     @property
-    def active(self) -> bool:
-        """Whether some of the context lives in memory (else: plain attention)."""
-        return self.local_start > self.memory.settings.sink_tokens
-
-    @property
     def end(self) -> int:
         return self.num_computed + self.num_scheduled
+
+    @property
+    def query_positions(self) -> torch.Tensor:
+        return torch.arange(self.num_computed, self.end)
 
 
 # reads tokens [start, end) of one batch row and layer from the paged KV cache:
@@ -139,12 +175,14 @@ class RequestMemory:
     req_id: str
     settings: Settings
     shape: ModelShape
+    layout: Layout
     capacity: int
     stats: Stats
+    rope: Rope
     num_tokens: int = 0
     store: HostStore | None = None
-    cache: EventCache | None = None
     frame: str | None = None
+    anchor: int | None = None
     carry_logits: torch.Tensor | None = None
     """``[1, vocab]`` logits of the last computed token: they give the surprise of the
     next token once it is known"""
@@ -152,25 +190,27 @@ class RequestMemory:
     segmenter: Segmenter = field(init=False)
     contiguity: list[ContiguityBuffer] = field(init=False)
     observations: list[torch.Tensor | None] = field(init=False)
+    slots: list[EventSlots] = field(init=False)
+    sink_state: list[tuple] = field(init=False)
+    """per layer: the rotation the sink tokens in the paged cache have (engine-side)"""
 
     def __post_init__(self):
         s = self.settings
         self.surprise = torch.zeros(self.capacity + 1, dtype=torch.float32)
         self.segmenter = Segmenter(
-            s.sink_tokens, s.min_event_tokens, s.max_event_tokens, s.segmentation,
+            self.layout.sinks, s.min_event_tokens, s.max_event_tokens, s.segmentation,
             window=s.surprise_window, gamma=s.surprise_gamma,
         )
-        contiguity_tokens = int(s.contiguity_share * s.retrieval_budget_tokens)
+        contiguity_tokens = int(s.contiguity_share * self.layout.max_memory)
         self.contiguity = [ContiguityBuffer(contiguity_tokens) for _ in range(self.shape.num_layers)]
         self.observations = [None] * self.shape.num_layers
+        cache_slots = self.layout.cache_end - self.layout.sinks
+        self.slots = [EventSlots(cache_slots) for _ in range(self.shape.num_layers)]
+        self.sink_state = [("natural", None)] * self.shape.num_layers
 
     @property
-    def local_start(self) -> int:
+    def open_start(self) -> int:
         return self.segmenter.open_start
-
-    @property
-    def host_bytes(self) -> int:
-        return self.store.nbytes if self.store is not None else 0
 
     def record_surprise(self, first: int, values: torch.Tensor) -> None:
         end = min(first + values.numel(), self.surprise.numel())
@@ -179,11 +219,39 @@ class RequestMemory:
 
     # ---- per step -------------------------------------------------------------------
 
+    def plan(self, frame: str, num_computed: int, num_scheduled: int, reference: bool) -> tuple:
+        """(mode, local_start, memory_tokens, anchor, rewrite) for the coming step."""
+        lay, s = self.layout, self.settings
+        rewrite = frame != self.frame
+        if frame == "bounded":
+            last = num_computed + num_scheduled - 1
+            if rewrite or self.anchor is None or last - self.anchor > s.window_tokens + REANCHOR + num_scheduled:
+                self.anchor = num_computed - s.window_tokens
+                rewrite = True
+        self.frame = frame
+        if rewrite:
+            for slots in self.slots:
+                slots.clear()
+        if self.store is None or self.store.num_events == 0:
+            return "natural", 0, 0, self.anchor or 0, rewrite
+        local_start = self.open_start // self.shape.block_size * self.shape.block_size
+        memory_tokens = min(lay.max_memory, local_start - lay.sinks)
+        if reference:
+            mode = "reference"
+        elif self.open_start < lay.cache_end:
+            # memory tokens still occupy the cache's blocks: attend them in place
+            if frame == "exact":
+                return "natural", 0, 0, self.anchor or 0, rewrite
+            mode = "reference"
+        else:
+            mode = "assembled"
+        return mode, local_start, memory_tokens, self.anchor or 0, rewrite
+
     def segment(self, limit: int, refine: Callable[[list[int]], list[int]] | None) -> range:
         """Close the events whose tokens all left the window (``< limit``).
 
         Returns:
-            the ids of the new events (they tile ``[old local_start, new local_start)``).
+            the ids of the new events (they tile ``[old open_start, new open_start)``).
         """
         events = self.segmenter.advance(limit, self.surprise)
         if not events:
@@ -192,43 +260,31 @@ class RequestMemory:
             bounds = refine([a for a, _ in events] + [events[-1][1]])
             events = list(zip(bounds[:-1], bounds[1:]))
         if self.store is None:
-            self._activate()
-        return self.store.add_events(events)
-
-    def _activate(self) -> None:
-        s, m = self.settings, self.shape
-        self.store = HostStore(
-            m.num_layers, m.num_heads, m.num_kv_heads, m.head_size, m.dtype,
-            first_token=s.sink_tokens, capacity=self.capacity - s.sink_tokens,
-            min_event_tokens=s.min_event_tokens,
-        )
-        if s.retrieval_budget_tokens > 0:
-            self.cache = EventCache(
-                m.num_layers, m.num_kv_heads, m.head_size, m.dtype,
-                capacity_tokens=event_cache_tokens(s), block_size=CACHE_BLOCK,
+            m = self.shape
+            self.store = HostStore(
+                m.num_layers, m.num_heads, m.num_kv_heads, m.head_size, m.dtype,
+                first_token=0, capacity=self.capacity,
+                min_event_tokens=self.settings.min_event_tokens,
             )
-
-    def use_frame(self, frame: str) -> None:
-        """Cached event keys are rotated for one frame: switching frames drops them."""
-        if frame != self.frame and self.cache is not None:
-            self.cache.clear()
-        self.frame = frame
+        return self.store.add_events(events)
 
     # ---- per layer ------------------------------------------------------------------
 
-    def absorb(self, layer: int, events: range, keys_rotated: torch.Tensor, values: torch.Tensor,
-               rope: Rope) -> None:
-        """Store the tokens of new ``events`` for ``layer`` with their representatives.
+    def absorb(self, layer: int, start: int, keys_rotated: torch.Tensor, values: torch.Tensor,
+               rope: Rope, events: range | None = None) -> None:
+        """Store tokens ``[start, start + n)`` for ``layer`` (un-rotated), and the
+        representatives of ``events`` (which tile them).
 
         Args:
-            keys_rotated, values: ``[n, num_kv_heads, head_size]`` of the tokens the
-                events tile, read from the paged KV cache (keys rotated by vLLM).
+            keys_rotated, values: ``[n, num_kv_heads, head_size]`` read from the paged
+                KV cache (keys rotated by vLLM).
         """
-        ids = torch.arange(events.start, events.stop)
-        start = int(self.store.starts[ids[0]])
         positions = torch.arange(start, start + keys_rotated.shape[0])
         keys = rope.rotate(keys_rotated, positions, inverse=True)
         self.store.write(layer, start, keys.transpose(0, 1), values.transpose(0, 1))
+        if not events:
+            return
+        ids = torch.arange(events.start, events.stop)
         lengths = self.store.ends[ids] - self.store.starts[ids]
         obs = self.observations[layer]
         if obs is None:
@@ -237,76 +293,96 @@ class RequestMemory:
             obs, keys_rotated, keys, lengths, self.settings.representatives_per_event
         )
 
-    def attend(
-        self,
-        layer: int,
-        plan: RowPlan,
-        query: torch.Tensor,
-        local_keys: torch.Tensor,
-        local_values: torch.Tensor,
-        sink_keys: torch.Tensor,
-        sink_values: torch.Tensor,
-        scale: float,
-        rope: Rope,
-    ) -> torch.Tensor:
-        """Attention of this row's queries over sinks + retrieved events + local window.
+    def select(self, layer: int, plan: RowPlan, query: torch.Tensor) -> dict[int, int]:
+        """Events (and how many of their first tokens) this layer attends: exactly
+        ``plan.memory_tokens`` tokens, all before ``plan.local_start``.
 
         Args:
-            query: ``[q, num_heads, head_size]`` rotated at positions ``[L, L + q)``.
-            local_keys, local_values: ``[L + q - local_start, num_kv_heads, head_size]``
-                tokens ``[local_start, L + q)`` from the paged KV cache.
-            sink_keys, sink_values: ``[S, num_kv_heads, head_size]`` tokens ``[0, S)``.
+            query: ``[q, num_heads, head_size]`` the row's queries (rotated at their positions).
+        """
+        s, store, budget = self.settings, self.store, plan.memory_tokens
+        if budget <= 0:
+            return {}
+        count = store.num_events
+        starts, ends = store.starts[:count], store.ends[:count]
+        available = (ends.clamp(max=plan.local_start) - starts).clamp(min=0)
+        if int(available.sum()) <= budget:
+            return {e: n for e, n in enumerate(available.tolist()) if n > 0}
+        # the query as seen from memory at distance `window` (un-rotated keys at 0)
+        q_score = self.rope.rotate(query, s.window_tokens - plan.query_positions).float().mean(0)
+        scores = similarity_scores(q_score, store.reps[layer, :count])
+        scores = scores.masked_fill(available == 0, float("-inf"))
+        contiguity = self.contiguity[layer]
+        top = top_within_budget(scores, available, budget - contiguity.capacity).tolist()
+        chosen = {e: int(available[e]) for e in top}
+        used = sum(chosen.values())
+        if contiguity.capacity > 0:
+            for e in contiguity.update(top, available, count):
+                if e not in chosen and available[e] > 0 and used + int(available[e]) <= budget:
+                    chosen[e] = int(available[e])
+                    used += chosen[e]
+        # fill the budget exactly: next best events, the last one cut
+        for e in torch.argsort(scores, descending=True, stable=True).tolist():
+            if used >= budget:
+                break
+            if e in chosen or available[e] == 0:
+                continue
+            chosen[e] = min(int(available[e]), budget - used)
+            used += chosen[e]
+        self.stats.inc("events_retrieved", len(chosen))
+        return chosen
+
+    def memory_keys(self, layer: int, events: list[tuple[int, int, int]], frame: str, anchor: int,
+                    rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V of event token ranges, keys rotated for attention.
+
+        Args:
+            events: ``(event, first rank, count)`` ranges.
+
+        Returns:
+            ``keys, values [tokens, num_kv_heads, head_size]``.
+        """
+        store = self.store
+        starts = torch.tensor([int(store.starts[e]) + r for e, r, _ in events], dtype=torch.long)
+        counts = torch.tensor([n for _, _, n in events], dtype=torch.long)
+        owner = torch.repeat_interleave(torch.arange(len(events)), counts)
+        rank = torch.arange(int(counts.sum())) - (torch.cumsum(counts, 0) - counts)[owner]
+        positions = starts[owner] + rank
+        keys = store.keys[layer].index_select(1, positions).transpose(0, 1)
+        values = store.values[layer].index_select(1, positions).transpose(0, 1)
+        target = positions if frame == "exact" else torch.tensor(anchor)
+        return rope.rotate(keys, target), values
+
+    def sink_keys(self, layer: int, frame: str, anchor: int, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V of the sinks rotated for the frame: true positions, or A − S + i."""
+        sinks = self.layout.sinks
+        keys = self.store.keys[layer, :, :sinks].transpose(0, 1)
+        values = self.store.values[layer, :, :sinks].transpose(0, 1)
+        positions = torch.arange(sinks)
+        target = positions if frame == "exact" else positions + (anchor - sinks)
+        return rope.rotate(keys, target), values
+
+    def reference_attention(self, layer: int, plan: RowPlan, query: torch.Tensor,
+                            selection: dict[int, int], local_keys: torch.Tensor,
+                            local_values: torch.Tensor, scale: float, rope: Rope) -> torch.Tensor:
+        """The assembled attention in torch: sinks + selection + local part, one softmax.
+
+        Args:
+            local_keys, local_values: tokens ``[plan.local_start, plan.end)`` from the paged cache.
 
         Returns:
             ``[q, num_heads, head_size]`` float32.
         """
-        s = self.settings
-        q_pos = torch.arange(plan.num_computed, plan.end)
-        k_pos = torch.arange(plan.local_start, plan.end)
-        out_local, lse_local = attention_with_lse(query, local_keys, local_values, scale, q_pos, k_pos)
-        out_global = torch.empty_like(out_local)
-        lse_global = torch.empty_like(lse_local)
-        window = s.window_tokens
-        for a in range(0, query.shape[0], RETRIEVAL_CHUNK):
-            b = min(a + RETRIEVAL_CHUNK, query.shape[0])
-            q, pos = query[a:b], q_pos[a:b]
-            keys, values = self._global_part(layer, plan, q, pos, window, rope)
-            keys = torch.cat((sink_keys, keys)) if keys is not None else sink_keys
-            values = torch.cat((sink_values, values)) if values is not None else sink_values
-            if plan.frame == "bounded":
-                q = rope.rotate(q, s.sink_tokens + window - pos)
-            out_global[a:b], lse_global[a:b] = attention_with_lse(q, keys, values, scale)
-        return merge_partials(out_local, lse_local, out_global, lse_global)
-
-    def _global_part(self, layer, plan, query, positions, window, rope):
-        """Retrieve events for these queries; their K/V from the device event cache."""
-        s, store = self.settings, self.store
-        if self.cache is None or store is None or store.num_events == 0:
-            return None, None
-        # the query as seen from memory at distance `window` (un-rotated keys at 0)
-        q_score = rope.rotate(query, window - positions).float().mean(0)
-        scores = similarity_scores(q_score, store.reps[layer, : store.num_events])
-        chosen = retrieve(scores, store.sizes(), s.retrieval_budget_tokens, s.contiguity_share,
-                          self.contiguity[layer])
-        if not chosen:
-            return None, None
-        began = time.perf_counter()
-        slots, hits, misses = self.cache.fetch(layer, chosen, lambda l, ids: self._load(l, ids, plan.frame, rope))
-        if misses:
-            self.stats.observe("prefetch_latency_seconds", time.perf_counter() - began)
-        self.stats.inc("events_retrieved", len(chosen))
-        self.stats.inc("device_cache_hits", hits)
-        self.stats.inc("device_cache_misses", misses)
-        keys = self.cache.keys[layer].index_select(1, slots).transpose(0, 1)
-        values = self.cache.values[layer].index_select(1, slots).transpose(0, 1)
-        return keys, values
-
-    def _load(self, layer: int, ids: torch.Tensor, frame: str, rope: Rope):
-        """Host store -> device cache: keys rotated to their attention-time positions."""
-        keys, values, positions, lengths = self.store.gather(layer, ids)
-        target = positions if frame == "exact" else torch.tensor(self.settings.sink_tokens)
-        keys = rope.rotate(keys.transpose(0, 1), target).transpose(0, 1)
-        return keys, values, lengths
+        sink_k, sink_v = self.sink_keys(layer, plan.frame, plan.anchor, rope)
+        if selection:
+            mem_k, mem_v = self.memory_keys(layer, [(e, 0, n) for e, n in sorted(selection.items())],
+                                            plan.frame, plan.anchor, rope)
+            sink_k, sink_v = torch.cat((sink_k, mem_k)), torch.cat((sink_v, mem_v))
+        out_g, lse_g = attention_with_lse(query, sink_k, sink_v, scale)
+        out_l, lse_l = attention_with_lse(
+            query, local_keys, local_values, scale, plan.query_positions, torch.arange(plan.local_start, plan.end)
+        )
+        return merge_partials(out_l, lse_l, out_g, lse_g)
 
     def observe(self, layer: int, query: torch.Tensor) -> None:
         """Keep the latest queries ``[q, num_heads, head_size]`` of this layer."""
@@ -317,23 +393,17 @@ class RequestMemory:
         self.observations[layer] = recent.clone()
 
 
-def event_cache_tokens(settings: Settings) -> int:
-    """Device cache size per request: the configured size, but at least what the worst
-    selection needs (events of ``min_event_tokens`` each pad to whole blocks)."""
-    budget, smallest = settings.retrieval_budget_tokens, settings.min_event_tokens
-    blocks_per_event = -(-smallest // CACHE_BLOCK)
-    worst = (-(-budget // smallest) + 2) * blocks_per_event * CACHE_BLOCK
-    return max(settings.device_event_cache_tokens, worst)
-
-
 class EpisodicMemory:
     """The requests of one worker, created on first sight and freed on release."""
 
-    def __init__(self, settings: Settings, shape: ModelShape, rope: Rope, stats: Stats):
+    def __init__(self, settings: Settings, shape: ModelShape, rope: Rope, stats: Stats,
+                 reference: bool = False):
         self.settings = settings
         self.shape = shape
         self.rope = rope
         self.stats = stats
+        self.reference = reference
+        self.layout = Layout.of(settings, shape.block_size)
         self.requests: dict[str, RequestMemory] = {}
 
     def frame_for(self, context_len: int) -> str:
@@ -356,19 +426,21 @@ class EpisodicMemory:
             if memory is None or row.num_computed < memory.num_tokens:
                 # new, or recomputed from scratch after preemption
                 memory = self.requests[row.req_id] = RequestMemory(
-                    row.req_id, s, self.shape,
-                    max(row.capacity, row.num_computed + row.num_scheduled), self.stats,
+                    row.req_id, s, self.shape, self.layout,
+                    max(row.capacity, row.num_computed + row.num_scheduled), self.stats, self.rope,
                 )
             end = row.num_computed + row.num_scheduled
-            frame = self.frame_for(end)
-            memory.use_frame(frame)
+            mode, local_start, memory_tokens, anchor, rewrite = memory.plan(
+                self.frame_for(end), row.num_computed, row.num_scheduled, self.reference
+            )
             memory.num_tokens = end
             self.stats.inc("tokens_processed", row.num_scheduled)
             plans.append(RowPlan(
                 memory=memory, first_query=first_query, num_computed=row.num_computed,
-                num_scheduled=row.num_scheduled, local_start=memory.local_start,
-                block_row=None if block_rows is None else block_rows[index], frame=frame,
-                observe=end + OBSERVATION_QUERIES + row.num_scheduled > s.sink_tokens + s.window_tokens,
+                num_scheduled=row.num_scheduled, mode=mode, local_start=local_start,
+                memory_tokens=memory_tokens, frame=memory.frame, anchor=anchor, rewrite=rewrite,
+                block_row=None if block_rows is None else block_rows[index],
+                observe=end + OBSERVATION_QUERIES + row.num_scheduled > self.layout.sinks + s.window_tokens,
             ))
             first_query += row.num_scheduled
         self.update_gauges()
@@ -382,6 +454,7 @@ class EpisodicMemory:
             refine = None
             if s.refinement and s.segmentation == "surprise":
                 refine = lambda bounds, p=plan: self._refine(bounds, p, read_tokens)  # noqa: E731
+            first_time = memory.store is None
             events = memory.segment(plan.end - s.window_tokens, refine)
             if not events:
                 continue
@@ -389,8 +462,10 @@ class EpisodicMemory:
             start = int(memory.store.starts[events.start])
             end = int(memory.store.ends[events.stop - 1])
             for layer in range(self.shape.num_layers):
+                if first_time:
+                    memory.absorb(layer, 0, *read_tokens(plan, layer, 0, self.layout.sinks), self.rope)
                 keys, values = read_tokens(plan, layer, start, end)
-                memory.absorb(layer, events, keys, values, self.rope)
+                memory.absorb(layer, start, keys, values, self.rope, events)
         self.update_gauges()
 
     def _refine(self, bounds: list[int], plan: RowPlan, read_tokens: TokenReader) -> list[int]:
@@ -417,5 +492,16 @@ class EpisodicMemory:
         stores = [m.store for m in self.requests.values() if m.store is not None]
         self.stats.set("tokens_held", sum(st.num_tokens for st in stores))
         self.stats.set("host_bytes", sum(st.nbytes for st in stores))
-        self.stats.set("device_cache_tokens", sum(
-            m.cache.resident_tokens for m in self.requests.values() if m.cache is not None))
+
+
+def timed_stat(stats: Stats, name: str):
+    """Context manager adding the elapsed seconds to a histogram of ``stats``."""
+
+    class _Timer:
+        def __enter__(self):
+            self.began = time.perf_counter()
+
+        def __exit__(self, *exc):
+            stats.observe(name, time.perf_counter() - self.began)
+
+    return _Timer()

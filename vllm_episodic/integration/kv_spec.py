@@ -27,7 +27,8 @@ from vllm.v1.kv_cache_interface import SlidingWindowSpec
 @dataclass(frozen=True, kw_only=True)
 class SinkWindowSpec(SlidingWindowSpec):
     sink_tokens: int = 0
-    """tokens at the start of the request whose blocks are never freed"""
+    """tokens at the start of the request whose blocks are never freed: the sinks and
+    the blocks that later hold the request's device event cache"""
 
     @property
     def sink_blocks(self) -> int:

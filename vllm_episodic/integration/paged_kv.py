@@ -88,3 +88,43 @@ def read_tokens(
         data = data.reshape(-1, num_kv_heads, head_size)[offset : offset + end - start]
         out.append(data)
     return out[0], out[1]
+
+
+def slot_offsets(layout: BlockLayout, slots: torch.Tensor, num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat element offsets of the keys and values of token ``slots`` (absolute slot =
+    block * block_size + offset) in a layer's cache viewed as 1-D.
+
+    Returns:
+        two ``[n, num_kv_heads, head_size]`` int64 tensors.
+    """
+    bs, d = layout.block_size, layout.head_size
+    block, within = slots // bs, slots % bs
+    head = torch.arange(num_kv_heads)
+    # element (block, head, half, *) starts at ((block * kvH + head) * 2 + half) * bs * d
+    base = (block[:, None] * num_kv_heads + head[None, :]) * 2 * bs * d  # [n, kvH]
+    feature = within[:, None] * d + torch.arange(d)[None, :]  # [n, d] logical (t, d)
+    keys = base[:, :, None] + layout.key_index[feature][:, None, :]
+    values = base[:, :, None] + bs * d + layout.value_index[feature][:, None, :]
+    return keys, values
+
+
+def read_slots(kv_cache: torch.Tensor, layout: BlockLayout, slots: torch.Tensor):
+    """Keys and values ``[n, num_kv_heads, head_size]`` stored at token ``slots``."""
+    key_at, value_at = slot_offsets(layout, slots, kv_cache.shape[1])
+    flat = kv_cache.view(-1)
+    return flat[key_at], flat[value_at]
+
+
+def write_slots(kv_cache: torch.Tensor, isa: str, slots: torch.Tensor, keys: torch.Tensor,
+                values: torch.Tensor) -> None:
+    """Write ``keys``/``values`` ``[n, num_kv_heads, head_size]`` at token ``slots`` with
+    vLLM's own cache-write op (it knows the layout)."""
+    from vllm import _custom_ops as ops
+
+    num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
+    view = kv_cache.view(num_blocks, num_kv_heads, 2 * block_size, -1)
+    key_cache, value_cache = view.chunk(2, dim=2)
+    ops.cpu_attn_reshape_and_cache(
+        keys.to(kv_cache.dtype).contiguous(), values.to(kv_cache.dtype).contiguous(),
+        key_cache, value_cache, slots, isa, k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto",
+    )

@@ -42,9 +42,12 @@ def install() -> None:
             return specs
         from vllm_episodic.integration.kv_spec import sink_window_spec
 
+        from vllm_episodic.core.memory import Layout
+
         config = episodic_config(self.vllm_config)
+        kept = Layout.of(config, self.vllm_config.cache_config.block_size).cache_end
         window = config.window_tokens + config.max_event_tokens
-        return {name: sink_window_spec(spec, config.sink_tokens, window) for name, spec in specs.items()}
+        return {name: sink_window_spec(spec, kept, window) for name, spec in specs.items()}
 
     @functools.wraps(original_init_kv)
     def initialize_kv_cache(self, *args, **kwargs):

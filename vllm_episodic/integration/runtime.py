@@ -21,6 +21,9 @@ from __future__ import annotations
 
 import torch
 
+import time
+
+from vllm_episodic import envs
 from vllm_episodic.core.memory import BatchRow, EpisodicMemory, ModelShape, RowPlan
 from vllm_episodic.core.rope import Rope
 from vllm_episodic.core.surprise import surprise_from_logits, token_surprise
@@ -40,6 +43,16 @@ def all_runtimes() -> list[WorkerRuntime]:
     return list(_runtimes.values())
 
 
+def _cache_slots(plan: RowPlan, layout, block_size: int) -> torch.Tensor:
+    """Absolute paged-KV slot of each of the row's event-cache slots (cached on the plan)."""
+    slots = getattr(plan, "_absolute_slots", None)
+    if slots is None:
+        blocks = plan.block_row[layout.sinks // block_size : layout.cache_end // block_size].long()
+        slots = (blocks[:, None] * block_size + torch.arange(block_size)).flatten()
+        plan._absolute_slots = slots
+    return slots
+
+
 def _attention_isa(vllm_config) -> str:
     """The ISA the CPU attention builder chose for this model's layers."""
     layers = vllm_config.compilation_config.static_forward_context.values()
@@ -55,7 +68,7 @@ class WorkerRuntime:
     def __init__(self, runner):
         from vllm.model_executor.models.utils import extract_layer_index
 
-        from vllm_episodic.integration.paged_kv import probe_layout, read_tokens
+        from vllm_episodic.integration.paged_kv import probe_layout
         from vllm_episodic.integration.rope_patch import model_rope
         from vllm_episodic.integration.selection import episodic_config, trained_len
 
@@ -75,10 +88,11 @@ class WorkerRuntime:
             head_size=model_config.get_head_size(),
             dtype=model_config.dtype,
             trained_len=trained_len(model_config),
+            block_size=vllm_config.cache_config.block_size,
         )
-        self.memory = EpisodicMemory(self.config, shape, self.rope, self.stats)
+        self.memory = EpisodicMemory(self.config, shape, self.rope, self.stats,
+                                     reference=envs.get("VLLM_EPISODIC_REFERENCE"))
         self._layer_index = extract_layer_index
-        self._read_tokens = read_tokens
         self.layout = probe_layout(
             _attention_isa(vllm_config), model_config.dtype,
             vllm_config.cache_config.block_size, shape.head_size,
@@ -136,7 +150,40 @@ class WorkerRuntime:
 
     def read_tokens(self, plan: RowPlan, layer: int, start: int, end: int):
         """K/V of tokens [start, end) of a row from layer's paged KV cache."""
-        return self._read_tokens(self.runner.kv_caches[layer], self.layout, plan.block_row, start, end)
+        from vllm_episodic.integration.paged_kv import read_tokens
+
+        return read_tokens(self.runner.kv_caches[layer], self.layout, plan.block_row, start, end)
+
+    def fill_cache(self, layer: int, plan: RowPlan, query: torch.Tensor, kv_cache: torch.Tensor, isa: str) -> None:
+        """Retrieve this layer's events and copy them into the row's cache slots, so that
+        the attended blocks hold sinks + exactly the selected tokens."""
+        from vllm_episodic.integration.paged_kv import read_slots, write_slots
+
+        memory = plan.memory
+        layout = self.memory.layout
+        bs = self.layout.block_size
+        absolute = _cache_slots(plan, layout, bs)
+        wanted = ("natural", None) if plan.frame == "exact" else ("bounded", plan.anchor)
+        if memory.sink_state[layer] != wanted:
+            sink_slots = (plan.block_row[: layout.sinks // bs].long()[:, None] * bs + torch.arange(bs)).flatten()
+            write_slots(kv_cache, isa, sink_slots, *memory.sink_keys(layer, plan.frame, plan.anchor, self.rope))
+            memory.sink_state[layer] = wanted
+        selection = memory.select(layer, plan, query)
+        began = time.perf_counter()
+        update = memory.slots[layer].update(selection, plan.memory_tokens)
+        if update.moves:
+            source = absolute[torch.tensor([s for src, _ in update.moves for s in src])]
+            target = absolute[torch.tensor([s for _, dst in update.moves for s in dst])]
+            write_slots(kv_cache, isa, target, *read_slots(kv_cache, self.layout, source))
+        if update.loads:
+            keys, values = memory.memory_keys(
+                layer, [(e, first, n) for e, first, n, _ in update.loads], plan.frame, plan.anchor, self.rope
+            )
+            target = absolute[torch.tensor([s for *_, dst in update.loads for s in dst])]
+            write_slots(kv_cache, isa, target, keys, values)
+            self.stats.observe("prefetch_latency_seconds", time.perf_counter() - began)
+        self.stats.inc("device_cache_hits", update.hits)
+        self.stats.inc("device_cache_misses", update.misses)
 
     def needs_surprise(self, plan: RowPlan) -> bool:
         """Surprise matters only for requests that can outgrow sinks + window."""
