@@ -11,7 +11,7 @@ MAX_MODEL_LEN ?= 32768
 KV_SPACE      ?= 2
 # give the model every core (vLLM's default binding leaves one core to the front end)
 THREADS_BIND  ?= 0-$(shell expr $$(nproc) - 1)
-EPISODIC      ?= {}
+EPISODIC      ?= {"preset": "smollm2"}
 SERVE_ARGS    ?=
 
 .PHONY: install install-test serve test bench-quality bench-throughput bench-memory bench-kernels

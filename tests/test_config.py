@@ -72,9 +72,16 @@ def test_bad_preset_and_bad_section():
         EpisodicConfig.from_additional_config({"episodic": [1, 2]})
 
 
-def test_model_check_keeps_memory_in_trained_range():
+def test_resolving_for_a_model_keeps_memory_in_trained_range():
     config = EpisodicConfig(window_tokens=8000)
-    config.check_model(trained_len=8192, max_model_len=8192)  # fits: nothing to bound
-    with pytest.raises(EpisodicConfigError, match="exceeds the model's trained length 8192"):
-        config.check_model(trained_len=8192, max_model_len=65536)
-    EpisodicConfig(window_tokens=8000, positions="exact").check_model(8192, 65536)
+    config.resolved(trained_len=8192, max_model_len=8192, block_size=128)  # fits: nothing to bound
+    with pytest.raises(EpisodicConfigError, match="exceed the model's trained length 8192"):
+        config.resolved(trained_len=8192, max_model_len=65536, block_size=128)
+    EpisodicConfig(window_tokens=8000, positions="exact").resolved(8192, 65536, 128)
+
+
+def test_default_event_cache_is_twice_the_budget_within_the_trained_range():
+    assert EpisodicConfig().resolved(32768, 65536, 128).device_event_cache_tokens == 4096
+    # SmolLM2 (8K): 8192 - 128 sinks - 4096 window - 128 event - 128 block = 3712
+    assert EpisodicConfig().resolved(8192, 65536, 128).device_event_cache_tokens == 3712
+    assert EpisodicConfig(device_event_cache_tokens=5000).resolved(8192, 65536, 128).device_event_cache_tokens == 5000

@@ -26,6 +26,7 @@ def settings(**overrides):
         max_event_tokens=16, segmentation="surprise", surprise_gamma=0.5, surprise_window=32,
         contiguity_share=0.3, refinement=False, refinement_metric="modularity",
         representatives_per_event=2, device_event_cache_tokens=8192, positions="exact",
+        host_memory_gib=16.0, host_memory_policy="evict",
     )
     values.update(overrides)
     return SimpleNamespace(**values)
@@ -108,11 +109,11 @@ def test_events_partition_the_tokens_that_left_the_window():
     # stored keys are un-rotated: rotating them back gives the cache's keys
     pos = torch.arange(0, int(ends[-1]))
     for layer in range(LAYERS):
-        stored = store.keys[layer, :, : len(pos)].transpose(0, 1)
+        stored = store.gather(layer, pos)[0].transpose(0, 1)
         torch.testing.assert_close(seq.rope.rotate(stored, pos), seq.k[layer][: int(ends[-1])], atol=1e-5, rtol=1e-5)
 
 
-def test_bounded_positions_put_memory_at_an_anchor_window_tokens_back():
+def test_bounded_positions_put_events_at_an_anchor_window_tokens_back():
     seq = Sequence(300)
     outputs, memory = run(seq, settings(positions="bounded"), [250, 1, 1])
     request = memory.requests["r"]
@@ -121,8 +122,15 @@ def test_bounded_positions_put_memory_at_an_anchor_window_tokens_back():
     layer, t = 1, 251
     local = request.open_start // BLOCK * BLOCK
     unrotated = seq.rope.rotate(seq.k[layer][:local], torch.arange(local), inverse=True)
-    sink_k = seq.rope.rotate(unrotated[:16], torch.arange(16) + anchor - 16)
-    mem_k = seq.rope.rotate(unrotated[16:], torch.tensor(anchor))
+    sink_k = seq.rope.rotate(unrotated[:16], torch.arange(16) + anchor - 16 - 16)  # before max_event
+    # each event keeps its order and ends at the anchor
+    store = request.store
+    target = torch.empty(local - 16, dtype=torch.long)
+    for e in range(store.num_events):
+        a, b = int(store.starts[e]), min(int(store.ends[e]), local)
+        if a < b:
+            target[a - 16 : b - 16] = anchor - (int(store.ends[e]) - 1 - torch.arange(a, b))
+    mem_k = seq.rope.rotate(unrotated[16:], target)
     keys = torch.cat((sink_k, mem_k, seq.k[layer][local : t + 1]))
     values = seq.v[layer][: t + 1]
     expected, _ = attention_with_lse(seq.q[layer][t : t + 1], keys, values, SCALE)
@@ -147,3 +155,37 @@ def test_selection_fills_the_budget_exactly_before_the_local_part():
     memory.release(["r"])
     assert memory.requests == {} and memory.stats.get("host_bytes") == 0
     assert memory.stats.get("requests_tracked") == 0
+
+
+def test_host_memory_cap_evicts_least_recently_retrieved_pages():
+    seq = Sequence(1200)
+    page_bytes = 2 * LAYERS * KV_HEADS * 4096 * DIM * 4
+    # room for two pages (plus representatives): the third forces an eviction
+    config = settings(host_memory_gib=(2.2 * page_bytes) / (1 << 30), retrieval_budget_tokens=64)
+    shape = ModelShape(LAYERS, HEADS, KV_HEADS, DIM, torch.float32, 4096, BLOCK)
+    memory = EpisodicMemory(config, shape, seq.rope, Stats(), reference=True)
+    from vllm_episodic.core import store as store_module
+
+    original = store_module.HostStore.__init__
+
+    def small_pages(self, *args, **kwargs):  # 256-token pages keep the test small
+        original(self, *args, page_tokens=256, **kwargs)
+
+    store_module.HostStore.__init__ = small_pages
+    try:
+        page_bytes = 2 * LAYERS * KV_HEADS * 256 * DIM * 4
+        memory.settings.host_memory_gib = (2.5 * page_bytes) / (1 << 30)
+        done = 0
+        for n in [300, 300, 300, 300]:
+            (plan,) = memory.plan_step([BatchRow("r", done, n, capacity=1200)])
+            plan.memory.record_surprise(0, seq.surprise[: done + n])
+            memory.end_step([plan], seq.read)
+            done += n
+    finally:
+        store_module.HostStore.__init__ = original
+    store = memory.requests["r"].store
+    assert memory.host_bytes() <= 2.5 * page_bytes
+    assert memory.stats.get("events_evicted") > 0
+    assert store.keys[0] is not None  # the sinks' page stays
+    dead = ~store.alive[: store.num_events]
+    assert dead.any() and store.alive[: store.num_events].any()

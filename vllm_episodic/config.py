@@ -22,6 +22,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from vllm_episodic.core.memory import REANCHOR as BOUNDED_DRIFT
+
 #: the key of ``--additional-config`` that holds our settings
 ADDITIONAL_CONFIG_KEY = "episodic"
 
@@ -71,8 +73,9 @@ class EpisodicConfig(BaseModel):
     representatives_per_event: int = Field(4, ge=1, le=64)
     """Representative keys kept per event and KV head for similarity retrieval."""
 
-    device_event_cache_tokens: int = Field(8192, ge=0, le=1 << 24)
-    """Retrieved-event tokens kept on the device per request (an LRU of events)."""
+    device_event_cache_tokens: int | None = Field(None, ge=0, le=1 << 24)
+    """Event tokens kept on the device per request: the retrieved ones plus an LRU reserve.
+    Default: twice the budget, capped so that the cache fills before the trained length."""
 
     host_memory_gib: float = Field(16.0, gt=0.0, le=1 << 20)
     """Cap on host memory for the event store of the whole server, in GiB."""
@@ -97,29 +100,39 @@ class EpisodicConfig(BaseModel):
                 f"(no retrieval) or at least max_event_tokens ({self.max_event_tokens}), "
                 "so that one event fits"
             )
-        if self.device_event_cache_tokens < self.retrieval_budget_tokens:
+        if (self.device_event_cache_tokens is not None
+                and self.device_event_cache_tokens < self.retrieval_budget_tokens):
             raise ValueError(
                 f"device_event_cache_tokens ({self.device_event_cache_tokens}) must be at "
                 f"least retrieval_budget_tokens ({self.retrieval_budget_tokens})"
             )
         return self
 
-    @property
-    def resident_tokens(self) -> int:
-        """Tokens per request the paged KV cache must keep: sinks, window and the
-        event still being formed (at most one event beyond the window)."""
-        return self.sink_tokens + self.window_tokens + self.max_event_tokens
+    def bounded_span(self, block_size: int) -> int:
+        """Largest distance a query sees in the bounded frame, prefill chunk excluded:
+        sinks, memory placed behind the window, the window, the open event and the
+        block alignment of the local part, and the anchor's drift."""
+        sinks = -(-self.sink_tokens // block_size) * block_size
+        return sinks + 2 * self.max_event_tokens + self.window_tokens + block_size + BOUNDED_DRIFT
 
-    def check_model(self, trained_len: int, max_model_len: int) -> None:
-        """Fail when the settings cannot keep this model in distribution."""
+    def resolved(self, trained_len: int, max_model_len: int, block_size: int) -> EpisodicConfig:
+        """Settings for one model: the default event cache size filled in, checked so
+        that the model stays in its trained range."""
+        sinks = -(-self.sink_tokens // block_size) * block_size
+        room = trained_len - sinks - self.window_tokens - self.max_event_tokens - block_size
+        cache = self.device_event_cache_tokens
+        if cache is None:
+            cache = max(self.retrieval_budget_tokens, min(2 * self.retrieval_budget_tokens, room))
+        config = self.model_copy(update={"device_event_cache_tokens": cache})
         if self.positions != "exact" and max_model_len > trained_len:
-            span = self.sink_tokens + self.window_tokens + self.max_event_tokens
+            span = config.bounded_span(block_size)
             if span > trained_len:
                 raise EpisodicConfigError(
-                    "episodic config: sink_tokens + window_tokens + max_event_tokens "
-                    f"= {span} exceeds the model's trained length {trained_len}; "
-                    "lower window_tokens so that memory stays at a trained distance"
+                    f"episodic config: sinks + window + events ({span} tokens) exceed the "
+                    f"model's trained length {trained_len}; lower window_tokens so that "
+                    "memory stays at a trained distance"
                 )
+        return config
 
     @classmethod
     def from_additional_config(cls, additional_config: Any) -> EpisodicConfig:

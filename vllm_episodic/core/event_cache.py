@@ -43,7 +43,7 @@ class EventSlots:
         self._free_reserve: list[int] = list(range(num_slots - 1, -1, -1))
 
     def clear(self) -> None:
-        """Forget everything (the keys' rotation changed)."""
+        """Forget everything (the keys' rotation changed); the slot count stays."""
         self.active.clear()
         self.reserve.clear()
         self.attended = 0
@@ -53,11 +53,15 @@ class EventSlots:
     def resident_tokens(self) -> int:
         return sum(map(len, self.active.values())) + sum(map(len, self.reserve.values()))
 
-    def update(self, selection: dict[int, int], attended: int) -> SlotPlan:
+    def update(self, selection: dict[int, int], attended: int, num_slots: int | None = None) -> SlotPlan:
         """Make the first ``attended`` slots hold exactly ``selection`` (event -> count).
 
-        ``sum(selection.values())`` must equal ``attended``.
+        ``sum(selection.values())`` must equal ``attended``. ``num_slots`` grows the cache
+        (slots become usable as the request's blocks are vacated).
         """
+        if num_slots is not None and num_slots > self.num_slots:
+            self._free_reserve[:0] = range(num_slots - 1, self.num_slots - 1, -1)
+            self.num_slots = num_slots
         if sum(selection.values()) != attended or attended > self.num_slots:
             raise ValueError(f"selection of {sum(selection.values())} tokens for {attended} slots")
         plan = SlotPlan()

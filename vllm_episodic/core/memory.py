@@ -29,10 +29,12 @@ Positions: vLLM hands over queries and keys rotated at their absolute positions;
 local part is attended as is (exact relative distances). Memory keys are rotated to:
 
 - ``exact``: their true positions (with every event retrieved: full attention);
-- ``bounded`` (InfLLM/EM-LLM): one *anchor* position A: memory tokens at A, sink i at
-  A − S + i, with A = (first query) − window, so memory sits ``window`` tokens before
-  the queries (up to ``window + REANCHOR + chunk``; past that A moves and the cache
-  is rewritten). The model thus never sees a distance beyond its trained range.
+- ``bounded`` (InfLLM/EM-LLM): every event is placed so that it *ends* at one anchor
+  position A (its tokens keep their order: token r of an event of n tokens sits at
+  A − n + 1 + r), sinks sit before them (sink i at A − max_event − S + i), and
+  A = (first query) − window. Memory thus sits ``window`` tokens before the queries
+  (up to ``window + REANCHOR + chunk`` as queries advance; past that A moves and the
+  cache is rewritten): the model never sees a distance beyond its trained range.
 
 ``auto`` uses ``exact`` while the context fits the model's trained length.
 """
@@ -79,6 +81,8 @@ class Settings(Protocol):
     representatives_per_event: int
     device_event_cache_tokens: int
     positions: str
+    host_memory_gib: float
+    host_memory_policy: str
 
 
 @dataclass(frozen=True)
@@ -143,6 +147,8 @@ class RowPlan:
     """first token of the local part (block aligned; 0 in natural mode)"""
     memory_tokens: int
     """memory tokens attended per layer (0 in natural mode)"""
+    cache_slots: int
+    """event-cache slots usable now (the cache's blocks free up as memory forms)"""
     frame: str
     """``exact`` or ``bounded``"""
     anchor: int
@@ -153,6 +159,12 @@ class RowPlan:
     """(max_blocks,) the row's paged-KV block table"""
     observe: bool
     """keep this step's queries for future representatives"""
+    available: torch.Tensor | None = None
+    """(events,) tokens of each event that memory may attend this step (shared by layers)"""
+    score_angles: tuple[torch.Tensor, torch.Tensor] | None = None
+    """RoPE angles that put this step's queries ``window`` tokens after memory (scoring)"""
+    everything: dict[int, int] | None = None
+    """when all of memory fits the budget: every event (and its available tokens)"""
 
     @property
     def end(self) -> int:
@@ -204,8 +216,8 @@ class RequestMemory:
         contiguity_tokens = int(s.contiguity_share * self.layout.max_memory)
         self.contiguity = [ContiguityBuffer(contiguity_tokens) for _ in range(self.shape.num_layers)]
         self.observations = [None] * self.shape.num_layers
-        cache_slots = self.layout.cache_end - self.layout.sinks
-        self.slots = [EventSlots(cache_slots) for _ in range(self.shape.num_layers)]
+        self._ring_next = [0] * self.shape.num_layers
+        self.slots = [EventSlots(0) for _ in range(self.shape.num_layers)]
         self.sink_state = [("natural", None)] * self.shape.num_layers
 
     @property
@@ -220,7 +232,7 @@ class RequestMemory:
     # ---- per step -------------------------------------------------------------------
 
     def plan(self, frame: str, num_computed: int, num_scheduled: int, reference: bool) -> tuple:
-        """(mode, local_start, memory_tokens, anchor, rewrite) for the coming step."""
+        """(mode, local_start, memory_tokens, cache_slots, anchor, rewrite) for the step."""
         lay, s = self.layout, self.settings
         rewrite = frame != self.frame
         if frame == "bounded":
@@ -232,20 +244,21 @@ class RequestMemory:
         if rewrite:
             for slots in self.slots:
                 slots.clear()
-        if self.store is None or self.store.num_events == 0:
-            return "natural", 0, 0, self.anchor or 0, rewrite
+        anchor = self.anchor or 0
         local_start = self.open_start // self.shape.block_size * self.shape.block_size
-        memory_tokens = min(lay.max_memory, local_start - lay.sinks)
+        if self.store is None or self.store.num_events == 0 or local_start <= lay.sinks:
+            return "natural", 0, 0, 0, anchor, rewrite
+        # the cache's blocks below local_start no longer hold needed tokens
+        cache_slots = min(local_start, lay.cache_end) - lay.sinks
+        memory_tokens = min(lay.max_memory, local_start - lay.sinks, cache_slots)
         if reference:
             mode = "reference"
-        elif self.open_start < lay.cache_end:
-            # memory tokens still occupy the cache's blocks: attend them in place
-            if frame == "exact":
-                return "natural", 0, 0, self.anchor or 0, rewrite
-            mode = "reference"
+        elif frame == "exact" and self.open_start < lay.cache_end:
+            # memory tokens still sit in their own blocks: plain attention reads them
+            return "natural", 0, 0, 0, anchor, rewrite
         else:
             mode = "assembled"
-        return mode, local_start, memory_tokens, self.anchor or 0, rewrite
+        return mode, local_start, memory_tokens, cache_slots, anchor, rewrite
 
     def segment(self, limit: int, refine: Callable[[list[int]], list[int]] | None) -> range:
         """Close the events whose tokens all left the window (``< limit``).
@@ -261,11 +274,7 @@ class RequestMemory:
             events = list(zip(bounds[:-1], bounds[1:]))
         if self.store is None:
             m = self.shape
-            self.store = HostStore(
-                m.num_layers, m.num_heads, m.num_kv_heads, m.head_size, m.dtype,
-                first_token=0, capacity=self.capacity,
-                min_event_tokens=self.settings.min_event_tokens,
-            )
+            self.store = HostStore(m.num_layers, m.num_heads, m.num_kv_heads, m.head_size, m.dtype)
         return self.store.add_events(events)
 
     # ---- per layer ------------------------------------------------------------------
@@ -300,16 +309,16 @@ class RequestMemory:
         Args:
             query: ``[q, num_heads, head_size]`` the row's queries (rotated at their positions).
         """
-        s, store, budget = self.settings, self.store, plan.memory_tokens
+        store, budget = self.store, plan.memory_tokens
         if budget <= 0:
             return {}
-        count = store.num_events
-        starts, ends = store.starts[:count], store.ends[:count]
-        available = (ends.clamp(max=plan.local_start) - starts).clamp(min=0)
-        if int(available.sum()) <= budget:
-            return {e: n for e, n in enumerate(available.tolist()) if n > 0}
+        available = plan.available
+        count = available.numel()
+        if plan.everything is not None:
+            store.touch(list(plan.everything), plan.end)
+            return dict(plan.everything)
         # the query as seen from memory at distance `window` (un-rotated keys at 0)
-        q_score = self.rope.rotate(query, s.window_tokens - plan.query_positions).float().mean(0)
+        q_score = self.rope.apply(query, *plan.score_angles).mean(0)
         scores = similarity_scores(q_score, store.reps[layer, :count])
         scores = scores.masked_fill(available == 0, float("-inf"))
         contiguity = self.contiguity[layer]
@@ -321,8 +330,9 @@ class RequestMemory:
                 if e not in chosen and available[e] > 0 and used + int(available[e]) <= budget:
                     chosen[e] = int(available[e])
                     used += chosen[e]
-        # fill the budget exactly: next best events, the last one cut
-        for e in torch.argsort(scores, descending=True, stable=True).tolist():
+        # fill the budget exactly with the least relevant events, the last one cut: a cut
+        # never falls into an event that matters
+        for e in torch.argsort(scores, stable=True).tolist():
             if used >= budget:
                 break
             if e in chosen or available[e] == 0:
@@ -330,6 +340,7 @@ class RequestMemory:
             chosen[e] = min(int(available[e]), budget - used)
             used += chosen[e]
         self.stats.inc("events_retrieved", len(chosen))
+        store.touch(list(chosen), plan.end)
         return chosen
 
     def memory_keys(self, layer: int, events: list[tuple[int, int, int]], frame: str, anchor: int,
@@ -348,18 +359,24 @@ class RequestMemory:
         owner = torch.repeat_interleave(torch.arange(len(events)), counts)
         rank = torch.arange(int(counts.sum())) - (torch.cumsum(counts, 0) - counts)[owner]
         positions = starts[owner] + rank
-        keys = store.keys[layer].index_select(1, positions).transpose(0, 1)
-        values = store.values[layer].index_select(1, positions).transpose(0, 1)
-        target = positions if frame == "exact" else torch.tensor(anchor)
+        keys, values = store.gather(layer, positions)
+        keys, values = keys.transpose(0, 1), values.transpose(0, 1)
+        if frame == "exact":
+            target = positions
+        else:
+            # every event ends at the anchor
+            ends = torch.tensor([int(store.ends[e]) for e, _, _ in events], dtype=torch.long)
+            target = anchor - (ends[owner] - 1 - positions)
         return rope.rotate(keys, target), values
 
     def sink_keys(self, layer: int, frame: str, anchor: int, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
-        """K/V of the sinks rotated for the frame: true positions, or A − S + i."""
+        """K/V of the sinks rotated for the frame: true positions, or A − max_event − S + i."""
         sinks = self.layout.sinks
-        keys = self.store.keys[layer, :, :sinks].transpose(0, 1)
-        values = self.store.values[layer, :, :sinks].transpose(0, 1)
         positions = torch.arange(sinks)
-        target = positions if frame == "exact" else positions + (anchor - sinks)
+        keys, values = self.store.gather(layer, positions)
+        keys, values = keys.transpose(0, 1), values.transpose(0, 1)
+        shift = anchor - self.settings.max_event_tokens - sinks
+        target = positions if frame == "exact" else positions + shift
         return rope.rotate(keys, target), values
 
     def reference_attention(self, layer: int, plan: RowPlan, query: torch.Tensor,
@@ -385,12 +402,19 @@ class RequestMemory:
         return merge_partials(out_l, lse_l, out_g, lse_g)
 
     def observe(self, layer: int, query: torch.Tensor) -> None:
-        """Keep the latest queries ``[q, num_heads, head_size]`` of this layer."""
+        """Keep the latest queries ``[q, num_heads, head_size]`` of this layer (a ring of
+        ``OBSERVATION_QUERIES``; their order does not matter)."""
+        ring = self.observations[layer]
         recent = query[-OBSERVATION_QUERIES:]
-        previous = self.observations[layer]
-        if previous is not None and recent.shape[0] < OBSERVATION_QUERIES:
-            recent = torch.cat((previous, recent))[-OBSERVATION_QUERIES:]
-        self.observations[layer] = recent.clone()
+        if ring is None or ring.shape[0] < OBSERVATION_QUERIES or recent.shape[0] == OBSERVATION_QUERIES:
+            merged = recent if ring is None else torch.cat((ring, recent))
+            # oldest first: the next overwrite replaces index 0
+            self.observations[layer] = merged[-OBSERVATION_QUERIES:].clone()
+            self._ring_next[layer] = 0
+            return
+        for row in recent:
+            ring[self._ring_next[layer]] = row
+            self._ring_next[layer] = (self._ring_next[layer] + 1) % OBSERVATION_QUERIES
 
 
 class EpisodicMemory:
@@ -430,21 +454,36 @@ class EpisodicMemory:
                     max(row.capacity, row.num_computed + row.num_scheduled), self.stats, self.rope,
                 )
             end = row.num_computed + row.num_scheduled
-            mode, local_start, memory_tokens, anchor, rewrite = memory.plan(
+            mode, local_start, memory_tokens, cache_slots, anchor, rewrite = memory.plan(
                 self.frame_for(end), row.num_computed, row.num_scheduled, self.reference
             )
             memory.num_tokens = end
             self.stats.inc("tokens_processed", row.num_scheduled)
-            plans.append(RowPlan(
+            plan = RowPlan(
                 memory=memory, first_query=first_query, num_computed=row.num_computed,
                 num_scheduled=row.num_scheduled, mode=mode, local_start=local_start,
-                memory_tokens=memory_tokens, frame=memory.frame, anchor=anchor, rewrite=rewrite,
+                memory_tokens=memory_tokens, cache_slots=cache_slots, frame=memory.frame,
+                anchor=anchor, rewrite=rewrite,
                 block_row=None if block_rows is None else block_rows[index],
                 observe=end + OBSERVATION_QUERIES + row.num_scheduled > self.layout.sinks + s.window_tokens,
-            ))
+            )
+            if mode != "natural" and memory_tokens > 0:
+                self._plan_retrieval(plan)
+            plans.append(plan)
             first_query += row.num_scheduled
         self.update_gauges()
         return plans
+
+    def _plan_retrieval(self, plan: RowPlan) -> None:
+        """What every layer's retrieval shares in this step."""
+        store = plan.memory.store
+        count = store.num_events
+        available = (store.ends[:count].clamp(max=plan.local_start) - store.starts[:count]).clamp(min=0)
+        plan.available = available.masked_fill(~store.alive[:count], 0)
+        if int(plan.available.sum()) <= plan.memory_tokens:
+            plan.everything = {e: n for e, n in enumerate(plan.available.tolist()) if n > 0}
+        else:
+            plan.score_angles = self.rope.angles(self.settings.window_tokens - plan.query_positions)
 
     def end_step(self, plans: list[RowPlan], read_tokens: TokenReader) -> None:
         """Cut the tokens that left each row's window into events and store them."""
@@ -461,12 +500,39 @@ class EpisodicMemory:
             self.stats.inc("events_created", len(events))
             start = int(memory.store.starts[events.start])
             end = int(memory.store.ends[events.stop - 1])
+            store = memory.store
+            needed = store.pages_needed(0 if first_time else start, end) * store.page_bytes()
+            if not self._make_host_room(needed + len(events) * store.event_bytes()):
+                # over the cap even after eviction: these events are not kept
+                store.drop_events(events)
+                self.stats.inc("events_evicted", len(events))
+                if not first_time:
+                    continue
+                start = end = self.layout.sinks  # the sinks are always kept
             for layer in range(self.shape.num_layers):
                 if first_time:
                     memory.absorb(layer, 0, *read_tokens(plan, layer, 0, self.layout.sinks), self.rope)
-                keys, values = read_tokens(plan, layer, start, end)
-                memory.absorb(layer, start, keys, values, self.rope, events)
+                if end > start:
+                    keys, values = read_tokens(plan, layer, start, end)
+                    memory.absorb(layer, start, keys, values, self.rope, events)
         self.update_gauges()
+
+    def host_bytes(self) -> int:
+        return sum(m.store.nbytes for m in self.requests.values() if m.store is not None)
+
+    def _make_host_room(self, needed: int) -> bool:
+        """Stay under the host memory cap: drop the least recently retrieved pages of
+        the request holding the most memory until ``needed`` more bytes fit. Returns
+        whether they fit."""
+        cap = int(self.settings.host_memory_gib * (1 << 30))
+        while self.host_bytes() + needed > cap:
+            stores = sorted((m.store for m in self.requests.values() if m.store is not None),
+                            key=lambda st: st.nbytes, reverse=True)
+            victim = next((st for st in stores if st.evictable_pages(protected=1)), None)
+            if victim is None:
+                return False
+            self.stats.inc("events_evicted", victim.evict_page(victim.evictable_pages(protected=1)[0]))
+        return True
 
     def _refine(self, bounds: list[int], plan: RowPlan, read_tokens: TokenReader) -> list[int]:
         """Refine boundaries with the similarity of un-rotated keys of the upper half of

@@ -50,6 +50,26 @@ class Rope:
         cos, sin = rows[..., :half], rows[..., half:]
         return cos, sin * offsets.sign().unsqueeze(-1).to(sin.dtype)
 
+    def angles(self, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin ``[tokens, 1, rotary_dim // 2]`` of signed offsets, for :meth:`apply`."""
+        cos, sin = self._cos_sin(offsets)
+        return cos.unsqueeze(-2), sin.unsqueeze(-2)
+
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate ``x`` ``[tokens, heads, head_size]`` by precomputed :meth:`angles`;
+        float32 result (the fast path for queries)."""
+        x = x.float()
+        half = self.rotary_dim // 2
+        if self.is_neox_style:
+            x1, x2 = x[..., :half], x[..., half : self.rotary_dim]
+            rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        else:
+            x1, x2 = x[..., 0 : self.rotary_dim : 2], x[..., 1 : self.rotary_dim : 2]
+            rotated = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+        if self.rotary_dim == x.shape[-1]:
+            return rotated
+        return torch.cat((rotated, x[..., self.rotary_dim :]), dim=-1)
+
     def rotate(self, x: torch.Tensor, offsets: torch.Tensor, inverse: bool = False) -> torch.Tensor:
         """Rotate ``x`` by ``offsets`` positions (or undo such a rotation).
 

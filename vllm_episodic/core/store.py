@@ -1,17 +1,16 @@
-"""The host event store of one request: every memory token's K/V, the events, and
-their representative keys, for all layers.
+"""The host event store of one request: every stored token's K/V for all layers, the
+events, and their representative keys.
 
-Layout (token t of the request sits at index ``t - first_token``)::
+Token t lives in page ``t // page_tokens`` at offset ``t % page_tokens``::
 
-    keys, values  [num_layers, num_kv_heads, capacity, head_size]   un-rotated keys
-    reps          [num_layers, max_events, num_heads, head_size]     representatives
-    starts, ends  [max_events]                                       event token ranges
+    page keys, values  [num_layers, num_kv_heads, page_tokens, head_size]   un-rotated
+    reps               [num_layers, events, num_heads, head_size]           (grows)
+    starts, ends       [events]                                            token ranges
 
-The tensors are sized once for the request's largest possible length and left
-uninitialised: on Linux, untouched pages of a large allocation cost no memory, so
-host use grows with the tokens actually written (which is what ``nbytes`` counts)
-and returns to the OS when the request is released. With ``pin_memory`` (CUDA) the
-pages are committed up front instead.
+Pages are allocated as tokens arrive (pinned on CUDA) and can be dropped one by one
+(:meth:`evict_page`) when the server's host memory cap is reached; the events with
+tokens on a dropped page can no longer be retrieved. ``nbytes`` is the exact number of
+bytes held.
 """
 
 from __future__ import annotations
@@ -27,93 +26,143 @@ class HostStore:
         num_kv_heads: int,
         head_size: int,
         dtype: torch.dtype,
-        first_token: int,
-        capacity: int,
-        min_event_tokens: int,
+        page_tokens: int = 4096,
         pin_memory: bool = False,
+        reps_device: torch.device | str = "cpu",
     ):
-        self.first_token = first_token
-        self.capacity = max(capacity, 0)
-        self.max_events = self.capacity // max(min_event_tokens, 1) + 1
-        shape = (num_layers, num_kv_heads, self.capacity, head_size)
-        self.keys = torch.empty(shape, dtype=dtype, pin_memory=pin_memory)
-        self.values = torch.empty(shape, dtype=dtype, pin_memory=pin_memory)
-        self.reps = torch.empty(
-            (num_layers, self.max_events, num_heads, head_size), dtype=dtype, pin_memory=pin_memory
-        )
-        self.starts = torch.empty(self.max_events, dtype=torch.long)
-        self.ends = torch.empty(self.max_events, dtype=torch.long)
+        self.shape = (num_layers, num_kv_heads, page_tokens, head_size)
+        self.page_tokens = page_tokens
+        self.dtype = dtype
+        self.pin_memory = pin_memory
+        self.keys: list[torch.Tensor | None] = []
+        self.values: list[torch.Tensor | None] = []
+        self.evicted: set[int] = set()
+        self.page_last_use = torch.zeros(0, dtype=torch.long)
+        self.reps = torch.empty((num_layers, 0, num_heads, head_size), dtype=dtype, device=reps_device)
+        self.starts = torch.empty(0, dtype=torch.long)
+        self.ends = torch.empty(0, dtype=torch.long)
+        self.alive = torch.empty(0, dtype=torch.bool)
         self.num_events = 0
-        self.end_token = first_token  # tokens [first_token, end_token) are stored
-        self._token_bytes = 2 * num_layers * num_kv_heads * head_size * dtype.itemsize
+        self.end_token = 0  # tokens [0, end_token) were written
+        self.evicted_tokens = 0
+        self._page_bytes = 2 * num_layers * num_kv_heads * page_tokens * head_size * dtype.itemsize
         self._event_bytes = num_layers * num_heads * head_size * dtype.itemsize
 
     @property
-    def num_tokens(self) -> int:
-        return self.end_token - self.first_token
+    def nbytes(self) -> int:
+        """Bytes held: allocated pages plus representatives of stored events."""
+        pages = sum(1 for page in self.keys if page is not None)
+        return pages * self._page_bytes + self.num_events * self._event_bytes
 
     @property
-    def nbytes(self) -> int:
-        """Bytes written: keys and values of stored tokens plus representatives."""
-        return self.num_tokens * self._token_bytes + self.num_events * self._event_bytes
+    def num_tokens(self) -> int:
+        """Tokens stored and not evicted."""
+        return self.end_token - self.evicted_tokens
 
-    def bytes_for(self, tokens: int, events: int) -> int:
-        return tokens * self._token_bytes + events * self._event_bytes
+    def page_bytes(self) -> int:
+        return self._page_bytes
+
+    def event_bytes(self) -> int:
+        return self._event_bytes
+
+    def _page(self, index: int, allocate: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(self.keys) <= index:
+            grow = index + 1 - len(self.keys)
+            self.keys.extend([None] * grow)
+            self.values.extend([None] * grow)
+            self.page_last_use = torch.cat((self.page_last_use, torch.zeros(grow, dtype=torch.long)))
+        if self.keys[index] is None:
+            if not allocate or index in self.evicted:
+                raise IndexError(f"page {index} is not held")
+            self.keys[index] = torch.empty(self.shape, dtype=self.dtype, pin_memory=self.pin_memory)
+            self.values[index] = torch.empty(self.shape, dtype=self.dtype, pin_memory=self.pin_memory)
+        return self.keys[index], self.values[index]
+
+    def pages_needed(self, start: int, end: int) -> int:
+        """Pages that storing tokens ``[start, end)`` would allocate."""
+        first, last = start // self.page_tokens, (end - 1) // self.page_tokens
+        return sum(1 for p in range(first, last + 1) if p >= len(self.keys) or self.keys[p] is None)
 
     def write(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Store un-rotated ``keys``/``values`` ``[num_kv_heads, n, head_size]`` of
-        tokens ``[start, start + n)`` for ``layer``."""
-        a = start - self.first_token
-        b = a + keys.shape[1]
-        if a < 0 or b > self.capacity:
-            raise IndexError(f"tokens [{start}, {start + keys.shape[1]}) outside the store")
-        self.keys[layer, :, a:b].copy_(keys)
-        self.values[layer, :, a:b].copy_(values)
+        """Store un-rotated ``keys``/``values`` ``[num_kv_heads, n, head_size]`` of tokens
+        ``[start, start + n)`` for ``layer``."""
+        done = 0
+        total = keys.shape[1]
+        self.end_token = max(self.end_token, start + total)
+        while done < total:
+            token = start + done
+            page, offset = divmod(token, self.page_tokens)
+            n = min(total - done, self.page_tokens - offset)
+            page_keys, page_values = self._page(page, allocate=True)
+            page_keys[layer, :, offset : offset + n].copy_(keys[:, done : done + n])
+            page_values[layer, :, offset : offset + n].copy_(values[:, done : done + n])
+            done += n
 
     def add_events(self, spans: list[tuple[int, int]]) -> range:
-        """Append events (token ranges); tokens up to the last end count as stored."""
+        """Append events (token ranges, after every stored event)."""
         first = self.num_events
-        if first + len(spans) > self.max_events:
-            raise IndexError("event table full")
-        for i, (start, end) in enumerate(spans):
-            self.starts[first + i] = start
-            self.ends[first + i] = end
-        self.num_events += len(spans)
+        count = first + len(spans)
+        if count > self.starts.numel():
+            grow = max(count, 2 * self.starts.numel(), 64)
+            self.starts = torch.cat((self.starts, torch.empty(grow - self.starts.numel(), dtype=torch.long)))
+            self.ends = torch.cat((self.ends, torch.empty(grow - self.ends.numel(), dtype=torch.long)))
+            self.alive = torch.cat((self.alive, torch.empty(grow - self.alive.numel(), dtype=torch.bool)))
+            reps = self.reps.new_empty((self.reps.shape[0], grow, *self.reps.shape[2:]))
+            reps[:, :first] = self.reps[:, :first]
+            self.reps = reps
         if spans:
-            self.end_token = max(self.end_token, spans[-1][1])
-        return range(first, self.num_events)
+            self.starts[first:count] = torch.tensor([a for a, _ in spans])
+            self.ends[first:count] = torch.tensor([b for _, b in spans])
+            self.alive[first:count] = True
+        self.num_events = count
+        return range(first, count)
 
-    def sizes(self) -> torch.Tensor:
-        """``(num_events,)`` tokens per event."""
-        return self.ends[: self.num_events] - self.starts[: self.num_events]
+    def gather(self, layer: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V ``[num_kv_heads, n, head_size]`` of the tokens at ``positions`` (in order)."""
+        pages = positions // self.page_tokens
+        offsets = positions % self.page_tokens
+        if bool((pages == pages[0]).all()):
+            keys, values = self._page(int(pages[0]))
+            return keys[layer].index_select(1, offsets), values[layer].index_select(1, offsets)
+        num_kv_heads, head_size = self.shape[1], self.shape[3]
+        out_k = torch.empty((num_kv_heads, positions.numel(), head_size), dtype=self.dtype)
+        out_v = torch.empty_like(out_k)
+        for page in torch.unique(pages).tolist():
+            rows = (pages == page).nonzero().flatten()
+            keys, values = self._page(page)
+            out_k[:, rows] = keys[layer].index_select(1, offsets[rows])
+            out_v[:, rows] = values[layer].index_select(1, offsets[rows])
+        return out_k, out_v
 
-    def token_index(self, event_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store indices and absolute positions of all tokens of ``event_ids``, in order.
+    def touch(self, event_ids: list[int], step: int) -> None:
+        """Remember that these events were retrieved at ``step`` (eviction order)."""
+        if not event_ids:
+            return
+        ids = torch.tensor(event_ids)
+        # an event spans at most two pages (events are shorter than a page)
+        self.page_last_use[self.starts[ids] // self.page_tokens] = step
+        self.page_last_use[(self.ends[ids] - 1) // self.page_tokens] = step
 
-        Returns:
-            ``(index, positions)``, both ``(total_tokens,)`` int64.
-        """
-        starts, ends = self.starts[event_ids], self.ends[event_ids]
-        lengths = ends - starts
-        total = int(lengths.sum())
-        # position of every token: its event's start + its rank within the event
-        owner = torch.repeat_interleave(torch.arange(len(event_ids)), lengths)
-        first = torch.cumsum(lengths, 0) - lengths
-        positions = starts[owner] + torch.arange(total) - first[owner]
-        return positions - self.first_token, positions
+    def evictable_pages(self, protected: int) -> list[int]:
+        """Held pages, least recently used first: not the first ``protected`` ones, nor
+        the page still being filled."""
+        current = self.end_token // self.page_tokens
+        held = [p for p in range(protected, min(current, len(self.keys))) if self.keys[p] is not None]
+        return sorted(held, key=lambda p: int(self.page_last_use[p]))
 
-    def gather(self, layer: int, event_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """K/V of the tokens of ``event_ids`` for ``layer``.
+    def drop_events(self, ids: range) -> None:
+        """Mark events unavailable (their tokens were never stored)."""
+        self.alive[ids.start : ids.stop] = False
 
-        Returns:
-            ``keys, values [num_kv_heads, n, head_size]`` (un-rotated), token positions
-            ``(n,)`` and per-event lengths ``(len(event_ids),)``.
-        """
-        index, positions = self.token_index(event_ids)
-        lengths = self.ends[event_ids] - self.starts[event_ids]
-        return (
-            self.keys[layer].index_select(1, index),
-            self.values[layer].index_select(1, index),
-            positions,
-            lengths,
-        )
+    def evict_page(self, page: int) -> int:
+        """Drop a page; its events can no longer be retrieved. Returns how many events
+        this made unavailable."""
+        self.keys[page] = None
+        self.values[page] = None
+        self.evicted.add(page)
+        lo, hi = page * self.page_tokens, (page + 1) * self.page_tokens
+        self.evicted_tokens += max(0, min(hi, self.end_token) - lo)
+        count = self.num_events
+        hit = (self.starts[:count] < hi) & (self.ends[:count] > lo) & self.alive[:count]
+        self.alive[:count] &= ~hit
+        return int(hit.sum())

@@ -170,7 +170,7 @@ class WorkerRuntime:
             memory.sink_state[layer] = wanted
         selection = memory.select(layer, plan, query)
         began = time.perf_counter()
-        update = memory.slots[layer].update(selection, plan.memory_tokens)
+        update = memory.slots[layer].update(selection, plan.memory_tokens, plan.cache_slots)
         if update.moves:
             source = absolute[torch.tensor([s for src, _ in update.moves for s in src])]
             target = absolute[torch.tensor([s for _, dst in update.moves for s in dst])]

@@ -23,9 +23,12 @@ config sections (3).
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 from vllm_episodic.config import ADDITIONAL_CONFIG_KEY, EpisodicConfig, EpisodicConfigError
+
+logger = logging.getLogger("vllm_episodic")
 
 BACKEND_NAME = "EPISODIC"
 # the backend class per platform; adding the CUDA backend adds one entry here
@@ -181,7 +184,11 @@ def _check_and_update_config(original, klass, vllm_config) -> None:
                 + "; ".join(reasons)
                 + f". Supported: {SUPPORTED_MODELS_TEXT}."
             )
-        config.check_model(trained_len(model_config), model_config.max_model_len)
+        block_size = vllm_config.cache_config.block_size
+        trained = trained_len(model_config)
+        config = config.resolved(trained, model_config.max_model_len, block_size)
+        if config.positions != "exact" and model_config.max_model_len > trained:
+            _bound_prefill_chunk(vllm_config, trained - config.bounded_span(block_size))
     reasons = unsupported_feature_reasons(vllm_config)
     if reasons:
         raise ValueError(
@@ -195,6 +202,20 @@ def _check_and_update_config(original, klass, vllm_config) -> None:
     vllm_config.additional_config[ADDITIONAL_CONFIG_KEY] = config.model_dump()
     # a prefix-cache hit would skip the prefill that surprise and events are made of
     vllm_config.cache_config.enable_prefix_caching = False
+
+
+def _bound_prefill_chunk(vllm_config, room: int) -> None:
+    """Prefill chunks add to the local window's distances: keep them in the trained range."""
+    scheduler = vllm_config.scheduler_config
+    if room < 256:
+        raise EpisodicConfigError(
+            f"episodic config: only {room} tokens of the model's trained range are left for "
+            "a prefill chunk; lower window_tokens"
+        )
+    if scheduler.max_num_batched_tokens > room:
+        logger.info("episodic: prefill chunks limited to %d tokens (trained range)", room)
+        scheduler.max_num_batched_tokens = room
+        scheduler.max_num_seqs = min(scheduler.max_num_seqs, room)
 
 
 def trained_len(model_config) -> int:

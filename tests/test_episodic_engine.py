@@ -1,0 +1,205 @@
+"""The episodic memory inside a real in-process engine (SmolLM2, float32).
+
+A small window and cache make a 2–3K-token prompt use every part of the memory:
+events, the host store, assembled block tables and retrieval under a budget.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from helpers import flush_finished, runtime_of, scheduler_of
+from vllm_episodic.workloads import filler_text
+
+pytestmark = pytest.mark.engine
+
+SMALL = {
+    "sink_tokens": 64, "window_tokens": 256, "retrieval_budget_tokens": 256,
+    "min_event_tokens": 8, "max_event_tokens": 64, "device_event_cache_tokens": 512,
+}
+
+
+@pytest.fixture(scope="module")
+def episodic(make_llm):
+    return make_llm(attention_backend="episodic", dtype="float32", max_num_batched_tokens=512,
+                    additional_config={"episodic": SMALL})
+
+
+def _prompt(tokens: int, seed: int) -> str:
+    return (filler_text(tokens // 2, seed=seed) + " The special magic number is 74123. "
+            + filler_text(tokens // 2, seed=seed + 1) + " What is the special magic number?")
+
+
+def _blocks_held(llm, req_id: str) -> int:
+    manager = scheduler_of(llm).kv_cache_manager.coordinator.single_type_managers[0]
+    null = manager.block_pool.null_block
+    return sum(1 for block in manager.req_to_blocks.get(req_id, []) if block is not null)
+
+
+def test_surprise_matches_transformers(make_llm, model_dir):
+    """−log p of every prompt token, computed inside the engine over prefill chunks,
+    equals HF's. The memory is sized so that attention stays full attention (events
+    form, but the whole context is still attended in place) and logits are comparable."""
+    from transformers import AutoModelForCausalLM
+    from vllm import SamplingParams
+
+    full = {**SMALL, "retrieval_budget_tokens": 8192, "device_event_cache_tokens": 8192, "positions": "exact"}
+    episodic = make_llm(attention_backend="episodic", dtype="float32", max_num_batched_tokens=512,
+                        additional_config={"episodic": full})
+    engine, runtime = episodic.llm_engine, runtime_of(episodic)
+    prompt = _prompt(1500, seed=11)
+    engine.add_request("surprise", prompt, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    ids = None
+    while True:
+        engine.step()
+        memory = next(m for rid, m in runtime.memory.requests.items() if rid.startswith("surprise"))
+        state = runtime.runner.requests.get(memory.req_id)
+        if memory.num_tokens > len(state.prompt_token_ids):
+            ids = state.prompt_token_ids
+            break
+    ours = memory.surprise[1 : len(ids)].clone()
+    engine.abort_request(["surprise"])
+    flush_finished(episodic)
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, :-1].float()
+    expected = torch.logsumexp(logits, -1) - logits.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    # float32 on both sides; different kernels: agreement to ~1e-3 nats
+    torch.testing.assert_close(ours, expected, atol=2e-3, rtol=1e-3)
+    assert ours.max() > 5  # real values, not zeros
+
+
+def test_assembled_attention_equals_the_torch_reference(episodic, make_llm):
+    """The platform op over assembled block tables computes what the torch reference
+    computes (same retrieval, same positions), in both position frames."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=8, logprobs=0, ignore_eos=True)
+    prompts = [_prompt(2400, seed=21), _prompt(1800, seed=22)]
+    os.environ["VLLM_EPISODIC_REFERENCE"] = "1"
+    try:
+        reference = make_llm(attention_backend="episodic", dtype="float32", max_num_batched_tokens=512,
+                             additional_config={"episodic": SMALL}, seed=1)
+    finally:
+        del os.environ["VLLM_EPISODIC_REFERENCE"]
+    assert runtime_of(reference).memory.reference and not runtime_of(episodic).memory.reference
+    for fast, slow in zip(episodic.generate(prompts, params, use_tqdm=False),
+                          reference.generate(prompts, params, use_tqdm=False)):
+        assert fast.outputs[0].token_ids == slow.outputs[0].token_ids
+        for a, b in zip(fast.outputs[0].logprobs, slow.outputs[0].logprobs):
+            (ta, la), (tb, lb) = next(iter(a.items())), next(iter(b.items()))
+            assert ta == tb and abs(la.logprob - lb.logprob) < 2e-3
+    stats = runtime_of(episodic).stats
+    assert stats.get("events_created") > 0 and stats.get("device_cache_misses") > 0
+
+
+def test_device_kv_per_request_stays_flat(episodic):
+    """KV blocks held per request do not grow with the context: sinks + event cache +
+    window (+ one prefill chunk) whatever the prompt length."""
+    from vllm import SamplingParams
+
+    flush_finished(episodic)
+    engine = episodic.llm_engine
+    held = {}
+    for n in (1000, 2500, 5000):
+        rid = f"flat-{n}"
+        engine.add_request(rid, _prompt(n, seed=n), SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))
+        peak = 0
+        while engine.has_unfinished_requests():
+            engine.step()
+            internal = [r.request_id for r in scheduler_of(episodic).running if r.request_id.startswith(rid)]
+            if internal:
+                peak = max(peak, _blocks_held(episodic, internal[0]))
+        held[n] = peak
+    flush_finished(episodic)
+    block = 128
+    # 128 sinks + 512 cache + 256 window + 64 event + a 512-token chunk, plus 2 partial blocks
+    bound = (128 + 512 + 256 + 64 + 512) // block + 2
+    assert held[2500] <= bound and held[5000] <= bound
+    assert held[5000] == held[2500]
+
+
+TINY = {
+    "sink_tokens": 64, "window_tokens": 128, "retrieval_budget_tokens": 128,
+    "min_event_tokens": 8, "max_event_tokens": 32, "device_event_cache_tokens": 256,
+}
+
+
+def test_concurrent_decodes_match_running_alone(make_llm):
+    """Four requests whose memory forms while they decode (prefill fits one step, so
+    every request sees the same steps alone and batched), with finishes interleaved:
+    batched outputs equal solo outputs token for token."""
+    from vllm import SamplingParams
+
+    llm = make_llm(attention_backend="episodic", dtype="float32", max_num_batched_tokens=2048,
+                   additional_config={"episodic": TINY})
+    prompts = [filler_text(n, seed=40 + i) for i, n in enumerate((260, 120, 330, 200))]
+    lengths = (420, 300, 520, 360)
+    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in lengths]
+    alone = [llm.generate([p], sp, use_tqdm=False)[0].outputs[0].token_ids for p, sp in zip(prompts, params)]
+    stats = runtime_of(llm).stats
+    assembled_before = stats.get("device_cache_misses")
+    together = llm.generate(prompts, params, use_tqdm=False)
+    for i, out in enumerate(together):
+        assert out.outputs[0].token_ids == alone[i], f"request {i} differs in the batch"
+    assert stats.get("device_cache_misses") > assembled_before  # assembled attention ran
+    flush_finished(llm)
+    assert runtime_of(llm).memory.requests == {} and stats.get("host_bytes") == 0
+
+
+def test_chunked_prefills_keep_each_requests_memory(episodic):
+    """Four long prompts prefilled in 512-token chunks that the scheduler interleaves:
+    each request's events tile its own tokens and its stored layer-0 keys/values (which
+    depend on nothing but its own tokens) are the same as when it runs alone."""
+    from vllm import SamplingParams
+
+    flush_finished(episodic)
+    engine, runtime = episodic.llm_engine, runtime_of(episodic)
+    prompts = {f"batch-{i}": _prompt(n, seed=50 + i) for i, n in enumerate((2600, 900, 3400, 1900))}
+
+    def run(names):
+        for name in names:
+            engine.add_request(name, prompts[name], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
+        seen = {}
+        while engine.has_unfinished_requests():
+            engine.step()
+            for rid, memory in runtime.memory.requests.items():
+                store = memory.store
+                if store is None or not store.num_events:
+                    continue
+                starts, ends = store.starts[: store.num_events], store.ends[: store.num_events]
+                assert int(starts[0]) == runtime.memory.layout.sinks
+                assert torch.equal(starts[1:], ends[:-1]) and int(ends[-1]) == memory.open_start
+                end = min(int(ends[-1]), 1024)
+                seen[rid.rsplit("-", 1)[0]] = store.gather(0, torch.arange(end))
+        flush_finished(episodic)
+        return seen
+
+    solo = {}
+    for name in prompts:
+        solo.update(run([name]))
+    batched = run(list(prompts))
+    assert set(batched) == set(solo) and len(solo) >= 3  # the 900-token prompt may form none
+    for name, (keys, values) in batched.items():
+        solo_keys, solo_values = solo[name]
+        n = min(keys.shape[1], solo_keys.shape[1])
+        torch.testing.assert_close(keys[:, :n], solo_keys[:, :n], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(values[:, :n], solo_values[:, :n], atol=1e-4, rtol=1e-4)
+
+
+def test_aborted_long_request_frees_its_memory(episodic):
+    from vllm import SamplingParams
+
+    flush_finished(episodic)
+    engine, runtime = episodic.llm_engine, runtime_of(episodic)
+    engine.add_request("gone", _prompt(3000, seed=5), SamplingParams(temperature=0.0, max_tokens=50))
+    while runtime.stats.get("host_bytes") == 0:
+        engine.step()
+    assert runtime.stats.get("tokens_held") > 0
+    engine.abort_request(["gone"])
+    flush_finished(episodic)
+    assert runtime.memory.requests == {} and runtime.stats.get("host_bytes") == 0

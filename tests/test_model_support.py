@@ -1,0 +1,80 @@
+"""Models the episodic backend cannot serve fail at start-up, saying why."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# (transformers config class, its arguments, a fragment of the expected reason)
+UNSUPPORTED = {
+    "mla": ("DeepseekV2Config", dict(num_hidden_layers=2, hidden_size=256, num_attention_heads=4,
+            num_key_value_heads=4, kv_lora_rank=64, q_lora_rank=None, qk_rope_head_dim=32,
+            qk_nope_head_dim=32, v_head_dim=32, intermediate_size=512, moe_intermediate_size=128,
+            n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=2, vocab_size=49152,
+            max_position_embeddings=4096), "latent attention"),
+    "no-rope": ("GPT2Config", dict(n_layer=2, n_embd=128, n_head=2, vocab_size=49152), "RoPE"),
+    "alibi": ("BloomConfig", dict(n_layer=2, hidden_size=128, n_head=2, vocab_size=49152), "RoPE"),
+    "sliding-window": ("MistralConfig", dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=2,
+                       num_key_value_heads=1, intermediate_size=256, vocab_size=49152, sliding_window=512,
+                       max_position_embeddings=4096), "sliding-window"),
+    "encoder-decoder": ("BartConfig", dict(encoder_layers=1, decoder_layers=1, d_model=64, vocab_size=49152,
+                        encoder_attention_heads=2, decoder_attention_heads=2), "encoder-decoder"),
+    "head-size": ("LlamaConfig", dict(num_hidden_layers=2, hidden_size=120, num_attention_heads=3,
+                  num_key_value_heads=1, intermediate_size=256, vocab_size=49152, head_dim=40,
+                  max_position_embeddings=4096), "head size 40"),
+}
+
+
+def _tiny_model(root: Path, model_dir: str, name: str) -> str:
+    import transformers
+
+    cls_name, kwargs, _ = UNSUPPORTED[name]
+    folder = root / name
+    getattr(transformers, cls_name)(**kwargs).save_pretrained(folder)
+    for file in Path(model_dir).glob("tokenizer*"):
+        shutil.copy(file, folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory, model_dir):
+    root = tmp_path_factory.mktemp("unsupported")
+    return {name: _tiny_model(root, model_dir, name) for name in UNSUPPORTED}
+
+
+@pytest.mark.parametrize("name", list(UNSUPPORTED))
+def test_unsupported_model_fails_at_startup_with_reason(tiny_models, name):
+    from vllm.engine.arg_utils import EngineArgs
+
+    args = EngineArgs(model=tiny_models[name], attention_backend="episodic", enforce_eager=True,
+                      max_model_len=1024)
+    with pytest.raises(Exception) as err:
+        args.create_engine_config()
+    message = str(err.value)
+    assert "episodic attention backend cannot serve" in message
+    assert UNSUPPORTED[name][2] in message
+    assert "Supported: decoder-only text models with rotary position embeddings" in message
+
+
+def test_supported_model_passes_the_checks(model_dir):
+    from vllm.engine.arg_utils import EngineArgs
+
+    config = EngineArgs(model=model_dir, attention_backend="episodic", enforce_eager=True,
+                        max_model_len=32768).create_engine_config()
+    resolved = config.additional_config["episodic"]
+    assert resolved["device_event_cache_tokens"] > 0  # defaults resolved for the model
+    assert config.cache_config.enable_prefix_caching is False
+
+
+@pytest.mark.server
+def test_unsupported_model_through_the_cli(tiny_models):
+    vllm = str(Path(sys.executable).with_name("vllm"))
+    proc = subprocess.run([vllm, "serve", tiny_models["no-rope"], "--attention-backend", "episodic",
+                           "--max-model-len", "1024"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "no rotary position embeddings (RoPE)" in proc.stdout + proc.stderr
