@@ -67,7 +67,7 @@ def table(report: dict, tasks, lengths, backends) -> str:
                 if cell:
                     mean = sum(cell["scores"]) / len(cell["scores"])
                     parts.append(f"{backend[0]} {mean:.2f}")
-            count = len(report[backends[0]].get(f"{task}/{n}", {}).get("scores", []))
+            count = max(len(report[b].get(f"{task}/{n}", {}).get("scores", [])) for b in backends)
             cells.append(" / ".join(parts) + f" (n={count})")
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -83,6 +83,8 @@ def main() -> int:
     parser.add_argument("--episodic", default="{}", help="episodic settings (JSON)")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument("--stock-max-len", type=int, default=16384,
+                        help="longest context stock vLLM is run at (it collapses past the trained length)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -97,7 +99,8 @@ def main() -> int:
     report = {"model": args.model, "machine": common.machine(), "episodic": json.loads(args.episodic),
               "lengths": args.lengths, "tasks": args.tasks}
     for backend in args.backends:
-        report[backend] = run_backend(backend, model_dir, samples, args)
+        mine = [s for s in samples if backend == "episodic" or s.length <= args.stock_max_len]
+        report[backend] = run_backend(backend, model_dir, mine, args) if mine else {}
     text = table(report, args.tasks, args.lengths, args.backends)
     print(text)
     out = Path(args.out) if args.out else common.RESULTS / f"quality-{Path(args.model).name}.json"

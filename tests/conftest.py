@@ -39,3 +39,21 @@ def make_llm(model_dir):
 
     yield make
     cache.clear()
+
+
+@pytest.fixture(scope="module")
+def server_settings():
+    """Episodic settings of the module's `vllm serve` (a module overrides this fixture)."""
+    from servers import SMALL
+
+    return SMALL
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, server_settings):
+    """A real `vllm serve` subprocess with the episodic backend, served as "smollm2";
+    yields its base URL."""
+    from servers import running_server
+
+    with running_server(model_dir, server_settings) as base:
+        yield base

@@ -3,40 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
-import sys
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 
+from servers import env, free_port, get, long_prompt, metric, post, post_status, serve_args, wait_idle
+
 pytestmark = pytest.mark.server
-
-VLLM = str(Path(sys.executable).with_name("vllm"))
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # a real server: separate processes
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _serve_args(model_dir: str, port: int, *extra: str) -> list[str]:
-    return [VLLM, "serve", model_dir, "--host", "127.0.0.1", "--port", str(port),
-            "--enforce-eager", "--max-model-len", "4096", "--attention-backend", "episodic",
-            *extra]
 
 
 @pytest.mark.parametrize(
@@ -45,65 +19,23 @@ def _serve_args(model_dir: str, port: int, *extra: str) -> list[str]:
         ({"window_tokens": "big"}, ["window_tokens", "valid integer"]),
         ({"segmentation": "random"}, ["segmentation", "'surprise' or 'fixed'"]),
         ({"windw_tokens": 10}, ["unknown key 'windw_tokens'", "valid keys", "window_tokens"]),
+        ({"retrieval_budget_tokens": 64}, ["retrieval_budget_tokens (64)", "max_event_tokens (128)"]),
+        ({"window_tokens": 7900}, ["exceed the model's trained length 8192", "lower window_tokens"]),
     ],
 )
 def test_invalid_config_fails_startup_naming_the_field(model_dir, settings, fragments):
-    args = _serve_args(model_dir, _free_port(), "--additional-config",
+    args = serve_args(model_dir, free_port(), "--additional-config",
                        json.dumps({"episodic": settings}))
-    proc = subprocess.run(args, env=_env(), capture_output=True, text=True, timeout=300)
+    args[args.index("8192")] = "32768"  # past the trained length: bounded positions
+    proc = subprocess.run(args, env=env(), capture_output=True, text=True, timeout=300)
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0, output[-2000:]
     for fragment in fragments:
         assert fragment in output, output[-3000:]
 
 
-def _get(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=30) as response:
-        return response.read().decode()
-
-
-def _post(url: str, body: dict) -> dict:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=300) as response:
-        return json.loads(response.read())
-
-
-def _metric(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name} not on /metrics")
-
-
-@pytest.fixture(scope="module")
-def server(model_dir):
-    port = _free_port()
-    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"vllm-episodic-serve-{port}.log", "w+")
-    proc = subprocess.Popen(_serve_args(model_dir, port, "--served-model-name", "smollm2"),
-                            env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 600
-    while True:
-        try:
-            _get(base + "/health")
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                log.seek(0)
-                pytest.fail("server did not come up:\n" + log.read()[-4000:])
-            time.sleep(1)
-    yield base
-    os.killpg(proc.pid, signal.SIGINT)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    log.close()
-
-
 def test_chat_completion_answers(server):
-    reply = _post(server + "/v1/chat/completions", {
+    reply = post(server + "/v1/chat/completions", {
         "model": "smollm2", "temperature": 0, "max_tokens": 16,
         "messages": [{"role": "user", "content": "What is the capital of France?"}],
     })
@@ -111,8 +43,8 @@ def test_chat_completion_answers(server):
 
 
 def test_worker_metrics_reach_the_api_servers_metrics(server):
-    before = _metric(_get(server + "/metrics"), "vllm_episodic_tokens_processed_total")
-    reply = _post(server + "/v1/completions", {
+    before = metric(get(server + "/metrics"), "vllm_episodic_tokens_processed_total")
+    reply = post(server + "/v1/completions", {
         "model": "smollm2", "prompt": "Once upon a time", "max_tokens": 20,
         "temperature": 0, "ignore_eos": True,
     })
@@ -120,9 +52,9 @@ def test_worker_metrics_reach_the_api_servers_metrics(server):
     # the worker publishes at most every 0.2 s and on every release
     deadline = time.time() + 10
     while True:
-        text = _get(server + "/metrics")
-        processed = _metric(text, "vllm_episodic_tokens_processed_total")
-        tracked = _metric(text, "vllm_episodic_requests_tracked")
+        text = get(server + "/metrics")
+        processed = metric(text, "vllm_episodic_tokens_processed_total")
+        tracked = metric(text, "vllm_episodic_requests_tracked")
         if (processed - before >= used - 1 and tracked == 0) or time.time() > deadline:
             break
         time.sleep(0.2)
@@ -131,5 +63,59 @@ def test_worker_metrics_reach_the_api_servers_metrics(server):
     assert tracked == 0  # the finished request was released, on an idle server too
     for name in ("vllm_episodic_tokens_held", "vllm_episodic_events_created_total",
                  "vllm_episodic_host_bytes", "vllm_episodic_device_cache_hit_rate"):
-        _metric(text, name)
+        metric(text, name)
     assert "vllm:" in text  # vLLM's own metrics are still there
+
+
+def _abandon(server: str, body: dict, read_chunks: int, wait: float) -> None:
+    """Send a streaming request and disconnect: before the first token (read_chunks=0,
+    after ``wait`` seconds) or after ``read_chunks`` streamed chunks."""
+    import http.client
+
+    host, port = server.rsplit("/", 1)[1].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=120)
+    conn.request("POST", "/v1/completions", body=json.dumps({**body, "stream": True}),
+                 headers={"Content-Type": "application/json"})
+    if read_chunks == 0:
+        time.sleep(wait)
+    else:
+        response = conn.getresponse()
+        for _ in range(read_chunks):
+            response.fp.readline()
+            response.fp.readline()
+    conn.close()
+
+
+def test_aborted_clients_leave_no_memory_behind(server):
+    """50 clients disconnect mid-prefill or mid-decode; the server ends with no request
+    memory held (host bytes, event-cache slots) and keeps serving."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    baseline = wait_idle(server)
+    assert baseline["vllm_episodic_host_bytes"] == 0
+    cycles = []
+    for i in range(50):
+        body = {"model": "smollm2", "prompt": long_prompt(1600 + 40 * i, seed=i), "max_tokens": 200,
+                "ignore_eos": True, "temperature": 0}
+        cycles.append((body, 0 if i % 2 else 3, 0.3 + 0.1 * (i % 5)))
+    with ThreadPoolExecutor(5) as pool:
+        list(pool.map(lambda c: _abandon(server, *c), cycles))
+    after = wait_idle(server, timeout=180)
+    assert after["vllm_episodic_events_created_total"] > baseline["vllm_episodic_events_created_total"]
+    assert after["vllm_episodic_requests_tracked"] == 0
+    assert after["vllm_episodic_host_bytes"] == 0 and after["vllm_episodic_tokens_held"] == 0
+    assert after["vllm_episodic_device_cache_tokens"] == 0
+    reply = post(server + "/v1/completions", {"model": "smollm2", "prompt": "Hello", "max_tokens": 4})
+    assert reply["usage"]["completion_tokens"] == 4
+
+
+def test_bad_requests_get_vllms_errors_and_the_server_stays_up(server):
+    url = server + "/v1/completions"
+    too_long, text = post_status(url, {"model": "smollm2", "prompt": long_prompt(9000, 1), "max_tokens": 4})
+    assert too_long == 400 and "8192" in text, text  # vLLM's own message names the limit
+    huge, text = post_status(url, {"model": "smollm2", "prompt": "Hi", "max_tokens": 10**9})
+    assert huge == 400
+    empty, _ = post_status(url, {"model": "smollm2", "prompt": "", "max_tokens": 4})
+    assert empty in (200, 400)
+    status, text = post_status(url, {"model": "smollm2", "prompt": "The capital of France is", "max_tokens": 4})
+    assert status == 200 and json.loads(text)["usage"]["completion_tokens"] == 4

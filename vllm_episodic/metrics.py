@@ -84,11 +84,13 @@ class StatsPublisher:
         self.interval = interval
         self._last = 0.0
 
+    def due(self) -> bool:
+        return time.monotonic() - self._last >= self.interval
+
     def publish(self, stats: Stats, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self._last < self.interval:
+        if not force and not self.due():
             return
-        self._last = now
+        self._last = time.monotonic()
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
             json.dump({"pid": os.getpid(), "values": stats.values, "buckets": stats.buckets}, f)

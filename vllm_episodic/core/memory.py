@@ -559,6 +559,11 @@ class EpisodicMemory:
         self.stats.set("tokens_held", sum(st.num_tokens for st in stores))
         self.stats.set("host_bytes", sum(st.nbytes for st in stores))
 
+    def update_slow_gauges(self) -> None:
+        """Gauges that walk every cached event: call only before publishing."""
+        self.stats.set("device_cache_tokens", sum(
+            slots.resident_tokens() for m in self.requests.values() for slots in m.slots))
+
 
 def timed_stat(stats: Stats, name: str):
     """Context manager adding the elapsed seconds to a histogram of ``stats``."""

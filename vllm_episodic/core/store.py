@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import torch
 
+#: tokens per page of the host store (the unit of allocation and eviction)
+PAGE_TOKENS = 4096
+
 
 class HostStore:
     def __init__(
@@ -26,7 +29,7 @@ class HostStore:
         num_kv_heads: int,
         head_size: int,
         dtype: torch.dtype,
-        page_tokens: int = 4096,
+        page_tokens: int = PAGE_TOKENS,
         pin_memory: bool = False,
         reps_device: torch.device | str = "cpu",
     ):

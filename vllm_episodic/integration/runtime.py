@@ -118,6 +118,11 @@ class WorkerRuntime:
     def on_requests_gone(self, req_ids) -> None:
         if req_ids:
             self.memory.release(req_ids)
+            self.publish(force=True)
+
+    def publish(self, force: bool = False) -> None:
+        if force or self.publisher.due():
+            self.memory.update_slow_gauges()
             self.publisher.publish(self.stats, force=True)
 
     # ---- step --------------------------------------------------------------------
@@ -137,7 +142,7 @@ class WorkerRuntime:
             for req_id, seq_len, q in zip(req_ids, seq_lens, query_lens)
         ]
         self.plans = self.memory.plan_step(rows, common_attn_metadata.block_table_tensor[:num_reqs])
-        self.publisher.publish(self.stats)
+        self.publish()
         return self.plans
 
     def _capacity(self, req_id: str, seq_len: int) -> int:
@@ -220,7 +225,7 @@ class WorkerRuntime:
                 plan.memory.record_surprise(plan.num_computed + 1, values[offset : offset + n])
                 offset += n
         self.memory.end_step(plans, self.read_tokens)
-        self.publisher.publish(self.stats)
+        self.publish()
 
     def after_logits(self, logits: torch.Tensor) -> None:
         """Keep each row's logits: they give the surprise of the token sampled from them."""

@@ -196,6 +196,7 @@ def _check_and_update_config(original, klass, vllm_config) -> None:
             + "; ".join(reasons)
             + " yet; remove the option or use another attention backend"
         )
+    _set_host_budget(config, model_config)
     # every process rebuilds the config from here, presets already resolved
     if not isinstance(vllm_config.additional_config, dict):
         raise EpisodicConfigError("--additional-config must be a JSON object")
@@ -216,6 +217,22 @@ def _bound_prefill_chunk(vllm_config, room: int) -> None:
         logger.info("episodic: prefill chunks limited to %d tokens (trained range)", room)
         scheduler.max_num_batched_tokens = room
         scheduler.max_num_seqs = min(scheduler.max_num_seqs, room)
+
+
+def _set_host_budget(config: EpisodicConfig, model_config) -> None:
+    """Let the API server reject requests at the host memory cap (``reject`` policy)."""
+    from vllm_episodic.core.store import PAGE_TOKENS
+    from vllm_episodic.integration import admission
+
+    if config.host_memory_policy != "reject" or model_config is None:
+        admission.set_budget(None)
+        return
+    layers = model_config.hf_text_config.num_hidden_layers
+    kv_heads = model_config.get_total_num_kv_heads()
+    per_token = 2 * layers * kv_heads * model_config.get_head_size() * model_config.dtype.itemsize
+    admission.set_budget(admission.HostBudget(
+        cap_bytes=int(config.host_memory_gib * (1 << 30)), headroom_bytes=PAGE_TOKENS * per_token,
+    ))
 
 
 def trained_len(model_config) -> int:

@@ -1,0 +1,119 @@
+"""A real `vllm serve` subprocess with the episodic backend, for tests of the CLI/API."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+VLLM = str(Path(sys.executable).with_name("vllm"))
+
+
+def env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # a real server: separate processes
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# small window and cache: a 1.5K-token prompt already forms events
+SMALL = {"sink_tokens": 64, "window_tokens": 256, "retrieval_budget_tokens": 256,
+         "max_event_tokens": 64, "device_event_cache_tokens": 512}
+
+
+def serve_args(model_dir: str, port: int, *extra: str) -> list[str]:
+    return [VLLM, "serve", model_dir, "--host", "127.0.0.1", "--port", str(port),
+            "--enforce-eager", "--max-model-len", "8192", "--attention-backend", "episodic",
+            *extra]
+
+
+def get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return response.read().decode()
+
+
+def post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=300) as response:
+        return json.loads(response.read())
+
+
+def metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not on /metrics")
+
+
+def metrics(server: str) -> dict[str, float]:
+    text = get(server + "/metrics")
+    names = ("vllm_episodic_requests_tracked", "vllm_episodic_host_bytes", "vllm_episodic_tokens_held",
+             "vllm_episodic_device_cache_tokens", "vllm_episodic_events_created_total")
+    return {name: metric(text, name) for name in names}
+
+
+def wait_idle(server: str, timeout: float = 60) -> dict[str, float]:
+    deadline = time.time() + timeout
+    while True:
+        values = metrics(server)
+        if values["vllm_episodic_requests_tracked"] == 0 or time.time() > deadline:
+            return values
+        time.sleep(0.5)
+
+
+def long_prompt(n: int, seed: int) -> str:
+    from vllm_episodic.workloads import filler_text
+
+    return filler_text(n, seed=seed)
+
+
+def post_status(url: str, body: dict) -> tuple[int, str]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=300) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+@contextmanager
+def running_server(model_dir: str, settings: dict):
+    port = free_port()
+    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"vllm-episodic-serve-{port}.log", "w+")
+    proc = subprocess.Popen(serve_args(model_dir, port, "--served-model-name", "smollm2",
+                                        "--additional-config", json.dumps({"episodic": settings})),
+                            env=env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 600
+    while True:
+        try:
+            get(base + "/health")
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                log.seek(0)
+                raise RuntimeError("server did not come up:\n" + log.read()[-4000:])
+            time.sleep(1)
+    yield base
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    log.close()
