@@ -21,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 VLLM = str(Path(sys.executable).with_name("vllm"))
+_SERVER_PIDS: dict[str, int] = {}
 
 
 def resolve_model(name: str) -> str:
@@ -83,6 +84,7 @@ def serve(model_dir: str, backend: str, max_model_len: int, episodic: dict | Non
                         raise RuntimeError(f"{backend} server not healthy after 900 s; see {log_path}") from None
                     time.sleep(1)
             log(f"{backend} server up on :{port} after {time.time() - started:.0f} s")
+            _SERVER_PIDS[base] = proc.pid
             yield base
         finally:
             os.killpg(proc.pid, signal.SIGINT)
@@ -91,6 +93,11 @@ def serve(model_dir: str, backend: str, max_model_len: int, episodic: dict | Non
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+def server_pid(base: str) -> int:
+    """Process id of the `vllm serve` started by :func:`serve` at ``base``."""
+    return _SERVER_PIDS[base]
 
 
 def post(base: str, path: str, body: dict, timeout: float = 3600) -> dict:

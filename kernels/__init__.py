@@ -1,0 +1,68 @@
+"""Kernels of the episodic memory, each with its pure-torch reference, and the one place
+that chooses between them.
+
+Triton kernels run where the tensors are on a GPU and Triton is importable; the torch
+references run everywhere else (Triton has no CPU driver, only its interpreter, which
+the tests use). ``VLLM_EPISODIC_TORCH_KERNELS=1`` forces the references.
+
+Importable without vLLM or pydantic: the GPU check runs these on a machine with only
+torch and Triton.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from vllm_episodic.kernels.block_attention import block_attention_reference
+from vllm_episodic.kernels.gather import gather_rotate_reference
+from vllm_episodic.kernels.prefetch import Prefetcher
+from vllm_episodic.kernels.score import (
+    padded,
+    score_events_reference,
+    select_within_budget,
+)
+
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:
+    HAS_TRITON = False
+
+__all__ = ["Prefetcher", "block_attention", "gather_rotate", "padded", "score_events", "select_within_budget",
+           "uses_triton"]
+
+
+def uses_triton(tensor: torch.Tensor) -> bool:
+    """Whether work on ``tensor`` goes to the Triton kernels."""
+    return tensor.is_cuda and HAS_TRITON and os.environ.get("VLLM_EPISODIC_TORCH_KERNELS", "0") != "1"
+
+
+def score_events(query, reps, owner, available) -> torch.Tensor:
+    """Scores ``(events,)`` of every event of every batch row: see :mod:`.score`."""
+    if uses_triton(reps):
+        from vllm_episodic.kernels.score import score_events_triton
+
+        return score_events_triton(query, reps, owner, available)
+    return score_events_reference(query, reps, owner, available)
+
+
+def gather_rotate(src_k, src_v, src_index, dst_k, dst_v, dst_slot, cos_sin, position, is_neox_style: bool) -> None:
+    """Selected tokens into cache slots, keys rotated: see :mod:`.gather`."""
+    if uses_triton(dst_k):
+        from vllm_episodic.kernels.gather import gather_rotate_triton
+
+        return gather_rotate_triton(src_k, src_v, src_index, dst_k, dst_v, dst_slot, cos_sin, position,
+                                    is_neox_style)
+    return gather_rotate_reference(src_k, src_v, src_index, dst_k, dst_v, dst_slot, cos_sin, position,
+                                   is_neox_style)
+
+
+def block_attention(q, k_cache, v_cache, block_table, row_of, visible, scale: float):
+    """Attention over assembled block lists: see :mod:`.block_attention`."""
+    if uses_triton(q):
+        from vllm_episodic.kernels.block_attention import block_attention_triton
+
+        return block_attention_triton(q, k_cache, v_cache, block_table, row_of, visible, scale)
+    return block_attention_reference(q, k_cache, v_cache, block_table, row_of, visible, scale)

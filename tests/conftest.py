@@ -11,6 +11,9 @@ import os
 # in-process engines (no engine-core subprocess), 1 GiB of KV cache each
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+# Triton has no CPU driver: its kernels run under the interpreter, a switch Triton reads
+# when it is first imported (vLLM imports it), so it is set before anything else
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 

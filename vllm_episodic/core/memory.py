@@ -52,10 +52,11 @@ from vllm_episodic.core.attention import attention_with_lse, merge_partials
 from vllm_episodic.core.event_cache import EventSlots
 from vllm_episodic.core.refinement import key_similarity, refine_boundaries
 from vllm_episodic.core.representatives import representatives
-from vllm_episodic.core.retrieval import ContiguityBuffer, similarity_scores, top_within_budget
+from vllm_episodic.core.retrieval import ContiguityBuffer, retrieve
 from vllm_episodic.core.rope import Rope
 from vllm_episodic.core.segmentation import Segmenter
 from vllm_episodic.core.store import HostStore
+from vllm_episodic.kernels import gather_rotate
 from vllm_episodic.metrics import Stats
 
 #: recent queries per layer that decide an event's representatives
@@ -319,17 +320,9 @@ class RequestMemory:
             return dict(plan.everything)
         # the query as seen from memory at distance `window` (un-rotated keys at 0)
         q_score = self.rope.apply(query, *plan.score_angles).mean(0)
-        scores = similarity_scores(q_score, store.reps[layer, :count])
-        scores = scores.masked_fill(available == 0, float("-inf"))
-        contiguity = self.contiguity[layer]
-        top = top_within_budget(scores, available, budget - contiguity.capacity).tolist()
-        chosen = {e: int(available[e]) for e in top}
+        picked, scores = retrieve(q_score, store.reps[layer, :count], available, budget, self.contiguity[layer])
+        chosen = {e: int(available[e]) for e in picked}
         used = sum(chosen.values())
-        if contiguity.capacity > 0:
-            for e in contiguity.update(top, available, count):
-                if e not in chosen and available[e] > 0 and used + int(available[e]) <= budget:
-                    chosen[e] = int(available[e])
-                    used += chosen[e]
         # fill the budget exactly with the least relevant events, the last one cut: a cut
         # never falls into an event that matters
         for e in torch.argsort(scores, stable=True).tolist():
@@ -359,25 +352,21 @@ class RequestMemory:
         owner = torch.repeat_interleave(torch.arange(len(events)), counts)
         rank = torch.arange(int(counts.sum())) - (torch.cumsum(counts, 0) - counts)[owner]
         positions = starts[owner] + rank
-        keys, values = store.gather(layer, positions)
-        keys, values = keys.transpose(0, 1), values.transpose(0, 1)
         if frame == "exact":
             target = positions
         else:
             # every event ends at the anchor
             ends = torch.tensor([int(store.ends[e]) for e, _, _ in events], dtype=torch.long)
             target = anchor - (ends[owner] - 1 - positions)
-        return rope.rotate(keys, target), values
+        return _rotated(store, layer, positions, target, rope)
 
     def sink_keys(self, layer: int, frame: str, anchor: int, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V of the sinks rotated for the frame: true positions, or A − max_event − S + i."""
         sinks = self.layout.sinks
         positions = torch.arange(sinks)
-        keys, values = self.store.gather(layer, positions)
-        keys, values = keys.transpose(0, 1), values.transpose(0, 1)
         shift = anchor - self.settings.max_event_tokens - sinks
         target = positions if frame == "exact" else positions + shift
-        return rope.rotate(keys, target), values
+        return _rotated(self.store, layer, positions, target, rope)
 
     def reference_attention(self, layer: int, plan: RowPlan, query: torch.Tensor,
                             selection: dict[int, int], local_keys: torch.Tensor,
@@ -415,6 +404,18 @@ class RequestMemory:
         for row in recent:
             ring[self._ring_next[layer]] = row
             self._ring_next[layer] = (self._ring_next[layer] + 1) % OBSERVATION_QUERIES
+
+
+def _rotated(store: HostStore, layer: int, positions: torch.Tensor, target: torch.Tensor,
+             rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stored tokens at ``positions`` with keys rotated to ``target`` positions:
+    ``keys, values [tokens, num_kv_heads, head_size]``."""
+    keys, values = store.gather(layer, positions)
+    keys, values = keys.transpose(0, 1), values.transpose(0, 1)
+    out_k, out_v = torch.empty_like(keys), torch.empty_like(values)
+    rows = torch.arange(positions.numel())
+    gather_rotate(keys, values, rows, out_k, out_v, rows, rope.table, target, rope.is_neox_style)
+    return out_k, out_v
 
 
 class EpisodicMemory:

@@ -8,7 +8,7 @@ EM-LLM's two-stage retrieval, per layer and step:
    ``share × budget`` tokens that persists across steps; new neighbours go in front,
    the oldest fall out when it is full.
 
-When every event fits in the budget, all are attended.
+Scoring and selection go through :mod:`vllm_episodic.kernels` (Triton on a GPU).
 """
 
 from __future__ import annotations
@@ -17,25 +17,7 @@ from collections import deque
 
 import torch
 
-
-def similarity_scores(query: torch.Tensor, reps: torch.Tensor) -> torch.Tensor:
-    """Score of each event.
-
-    Args:
-        query: ``[num_heads, head_size]``, the step's query (mean over its tokens).
-        reps: ``[events, num_heads, head_size]`` representative keys.
-
-    Returns:
-        ``(events,)`` float32: sum over heads of query · representative.
-    """
-    return torch.einsum("hd,ehd->e", query.float(), reps.float())
-
-
-def top_within_budget(scores: torch.Tensor, sizes: torch.Tensor, budget: int) -> torch.Tensor:
-    """Event ids in descending score, the longest prefix whose sizes fit ``budget``."""
-    order = torch.argsort(scores, descending=True, stable=True)
-    fits = torch.cumsum(sizes[order], 0) <= budget
-    return order[: int(fits.sum())] if bool(fits.all()) else order[: int(fits.to(torch.int8).argmin())]
+from vllm_episodic.kernels import score_events, select_within_budget
 
 
 class ContiguityBuffer:
@@ -72,28 +54,38 @@ class ContiguityBuffer:
 
 
 def retrieve(
-    scores: torch.Tensor,
-    sizes: torch.Tensor,
+    query: torch.Tensor,
+    reps: torch.Tensor,
+    available: torch.Tensor,
     budget: int,
-    contiguity_share: float,
     buffer: ContiguityBuffer,
-) -> list[int]:
-    """Events to attend, in temporal order.
+) -> tuple[list[int], torch.Tensor]:
+    """Events to attend, best first, and every event's score.
 
     Args:
-        scores: ``(events,)`` similarity of each event.
-        sizes: ``(events,)`` tokens per event.
-        budget: tokens of events attended in total.
-        contiguity_share: fraction of ``budget`` reserved for temporal neighbours.
-        buffer: this request and layer's persistent contiguity queue
-            (its capacity is ``contiguity_share × budget``).
+        query: ``[num_heads, head_size]`` the step's scoring query.
+        reps: ``[events, num_heads, head_size]`` representative keys.
+        available: ``(events,)`` attendable tokens of each event (0: never chosen).
+        budget: tokens of events attended in total; similarity gets all of it but the
+            contiguity buffer's capacity.
+        buffer: this request and layer's persistent contiguity queue.
+
+    Returns:
+        the chosen events (similarity picks first, then neighbours) and ``(events,)``
+        float32 scores (``-inf`` where nothing is available).
     """
-    num_events = int(sizes.numel())
-    if num_events == 0 or budget <= 0:
-        return []
-    if int(sizes.sum()) <= budget:
-        return list(range(num_events))
-    similarity_budget = budget - buffer.capacity
-    top = top_within_budget(scores, sizes, similarity_budget).tolist()
-    neighbours = buffer.update(top, sizes, num_events) if contiguity_share > 0 else []
-    return sorted(set(top) | set(neighbours))
+    count = available.numel()
+    owner = torch.zeros(count, dtype=torch.int32, device=reps.device)
+    scores = score_events(query[None], reps, owner, available)
+    bounds = torch.tensor([0, count], device=reps.device)
+    order, taken = select_within_budget(scores, available, bounds, budget - buffer.capacity)
+    chosen = order[0][taken[0]].tolist()
+    used = int(available[chosen].sum()) if chosen else 0
+    if buffer.capacity > 0:
+        picked = set(chosen)
+        for event in buffer.update(chosen, available, count):
+            size = int(available[event])
+            if event not in picked and size > 0 and used + size <= budget:
+                chosen.append(event)
+                used += size
+    return chosen, scores

@@ -68,6 +68,8 @@ def unsupported_feature_reasons(vllm_config: Any) -> list[str]:
         reasons.append("speculative decoding (--speculative-config)")
     if vllm_config.cache_config.cache_dtype not in ("auto", None):
         reasons.append(f"quantized KV cache (--kv-cache-dtype {vllm_config.cache_config.cache_dtype})")
+    if vllm_config.lora_config is not None:
+        reasons.append("LoRA adapters (--enable-lora)")
     if vllm_config.kv_transfer_config is not None:
         reasons.append("KV transfer / disaggregated prefill (--kv-transfer-config)")
     return reasons

@@ -87,6 +87,7 @@ def patch_platform() -> None:
 
 
 def patch_engine_args() -> None:
+    import vllm.envs as vllm_envs
     from vllm.engine.arg_utils import EngineArgs
 
     original = EngineArgs.create_model_config
@@ -97,6 +98,10 @@ def patch_engine_args() -> None:
     def create_model_config(self):
         if not _names_episodic(self):
             return original(self)
+        # vLLM freezes its env reads once an engine is up (envs cache), so an
+        # in-process second engine would not see the override without lifting it.
+        cached = vllm_envs._is_envs_cache_enabled()
+        vllm_envs.disable_envs_cache()
         previous = os.environ.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN")
         os.environ["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"
         try:
@@ -106,6 +111,8 @@ def patch_engine_args() -> None:
                 os.environ.pop("VLLM_ALLOW_LONG_MAX_MODEL_LEN", None)
             else:
                 os.environ["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = previous
+            if cached:
+                vllm_envs.enable_envs_cache()
 
     create_model_config._episodic = True
     EngineArgs.create_model_config = create_model_config

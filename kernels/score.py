@@ -1,0 +1,116 @@
+"""Event scoring for retrieval: one launch for every event of every request in the batch.
+
+Events of all requests are concatenated (ragged); ``owner[e]`` is the batch row of
+event ``e``. The score of an event is the sum over query heads of
+``query[owner[e], h] · reps[e, h]``; events with ``available[e] == 0`` (evicted, or
+still being formed) score ``-inf``. Selection then runs as one batched op over the
+padded ``[rows, max_events]`` view (:func:`select_within_budget`), never a Python loop
+over requests or events.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the torch reference needs no Triton
+    triton = None
+
+
+def score_events_reference(query: torch.Tensor, reps: torch.Tensor, owner: torch.Tensor,
+                           available: torch.Tensor) -> torch.Tensor:
+    """Args:
+        query: ``[rows, num_heads, head_size]`` one scoring query per batch row.
+        reps: ``[events, num_heads, head_size]`` representative keys, all rows' events.
+        owner: ``(events,)`` int row of each event.
+        available: ``(events,)`` attendable tokens of each event (0 → ``-inf``).
+
+    Returns:
+        ``(events,)`` float32 scores.
+    """
+    scores = (query.float()[owner.long()] * reps.float()).sum(dim=(1, 2))
+    return scores.masked_fill(available == 0, float("-inf"))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _score_kernel(q_ptr, reps_ptr, owner_ptr, avail_ptr, out_ptr, num_events,
+                      q_stride_row, q_stride_head, reps_stride_event, reps_stride_head,
+                      NUM_HEADS: tl.constexpr, HEAD_SIZE: tl.constexpr,
+                      BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
+        # one program scores BLOCK_E consecutive events over all heads
+        events = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+        live = events < num_events
+        dims = tl.arange(0, BLOCK_D)
+        dim_ok = dims < HEAD_SIZE
+        rows = tl.load(owner_ptr + events, mask=live, other=0).to(tl.int64)
+        mask = live[:, None] & dim_ok[None, :]
+        acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
+        for h in range(NUM_HEADS):
+            q = tl.load(q_ptr + rows[:, None] * q_stride_row + h * q_stride_head + dims[None, :],
+                        mask=mask, other=0.0).to(tl.float32)
+            r = tl.load(reps_ptr + events[:, None].to(tl.int64) * reps_stride_event + h * reps_stride_head
+                        + dims[None, :], mask=mask, other=0.0).to(tl.float32)
+            acc += tl.sum(q * r, axis=1)
+        avail = tl.load(avail_ptr + events, mask=live, other=0)
+        acc = tl.where(avail == 0, float("-inf"), acc)
+        tl.store(out_ptr + events, acc, mask=live)
+
+
+def score_events_triton(query: torch.Tensor, reps: torch.Tensor, owner: torch.Tensor,
+                        available: torch.Tensor) -> torch.Tensor:
+    """:func:`score_events_reference` in one Triton launch."""
+    num_events, num_heads, head_size = reps.shape
+    out = torch.empty(num_events, dtype=torch.float32, device=reps.device)
+    if num_events == 0:
+        return out
+    query, reps = query.contiguous(), reps.contiguous()
+    block_e = 64
+    _score_kernel[(triton.cdiv(num_events, block_e),)](
+        query, reps, owner.to(torch.int32).contiguous(), available.to(torch.int32).contiguous(), out, num_events,
+        query.stride(0), query.stride(1), reps.stride(0), reps.stride(1),
+        NUM_HEADS=num_heads, HEAD_SIZE=head_size, BLOCK_E=block_e, BLOCK_D=triton.next_power_of_2(head_size),
+    )
+    return out
+
+
+def padded(values: torch.Tensor, offsets: torch.Tensor, fill: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged ``values`` (row r owns ``values[offsets[r]:offsets[r + 1]]``) as a
+    ``[rows, longest]`` tensor padded with ``fill``, and the valid mask."""
+    counts = offsets[1:] - offsets[:-1]
+    rows = counts.numel()
+    longest = int(counts.max()) if rows else 0
+    ranks = torch.arange(longest, device=values.device)
+    valid = ranks[None, :] < counts[:, None]
+    index = (offsets[:-1, None] + ranks[None, :]).clamp(max=max(values.numel() - 1, 0))
+    out = values[index] if values.numel() else values.new_empty((rows, longest))
+    return out.masked_fill(~valid, fill), valid
+
+
+def select_within_budget(scores: torch.Tensor, sizes: torch.Tensor, offsets: torch.Tensor,
+                         budget: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the best events (descending score) while their sizes fit the budget.
+
+    Args:
+        scores: ``(events,)`` from :func:`score_events_reference` (``-inf`` = never).
+        sizes: ``(events,)`` tokens of each event.
+        offsets: ``(rows + 1,)`` event offsets of the rows.
+        budget: tokens per row (int, or ``(rows,)``).
+
+    Returns:
+        ``order [rows, longest]`` local event ids in descending score and ``taken``
+        (same shape, bool): the longest prefix of ``order`` that fits the budget.
+    """
+    s, valid = padded(scores, offsets, float("-inf"))
+    z, _ = padded(sizes, offsets, 0)
+    order = torch.argsort(s, dim=1, descending=True, stable=True)
+    ranked_sizes = torch.gather(z, 1, order)
+    ranked_ok = torch.gather(valid & torch.isfinite(s), 1, order)
+    budget = torch.as_tensor(budget, device=scores.device).reshape(-1, 1)
+    fits = (torch.cumsum(ranked_sizes, 1) <= budget) & ranked_ok
+    # a prefix: stop at the first event that does not fit
+    taken = torch.cumprod(fits.to(torch.int8), 1).bool()
+    return order, taken
