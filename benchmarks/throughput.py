@@ -38,18 +38,24 @@ def bench(base: str, model_dir: str, length: int, concurrency: int, args, out_di
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"vllm bench serve failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-    result = json.loads((out_dir / name).read_text())
-    row = {
+    row = read_row(out_dir / name, length, concurrency)
+    row["wall_s"] = time.time() - began
+    common.log(f"{tag} {length} c{concurrency}: TTFT {row['mean_ttft_ms'] / 1000:.1f} s, "
+               f"TPOT {row['mean_tpot_ms']:.1f} ms ({row['decode_tok_s']:.1f} tok/s), failed {row['failed']}")
+    return row
+
+
+def read_row(path: Path, length: int, concurrency: int) -> dict:
+    """One table row from a result file of `vllm bench serve`."""
+    result = json.loads(path.read_text())
+    return {
         "input_len": length, "concurrency": concurrency, "num_prompts": result.get("num_prompts"),
         "mean_ttft_ms": result["mean_ttft_ms"], "median_ttft_ms": result["median_ttft_ms"],
         "mean_tpot_ms": result["mean_tpot_ms"], "median_tpot_ms": result["median_tpot_ms"],
         "output_throughput": result["output_throughput"], "failed": result.get("failed", 0),
         "decode_tok_s": 1000.0 / result["mean_tpot_ms"] if result["mean_tpot_ms"] else None,
-        "wall_s": time.time() - began,
+        "measured_at": result.get("date"),
     }
-    common.log(f"{tag} {length} c{concurrency}: TTFT {row['mean_ttft_ms'] / 1000:.1f} s, "
-               f"TPOT {row['mean_tpot_ms']:.1f} ms ({row['decode_tok_s']:.1f} tok/s), failed {row['failed']}")
-    return row
 
 
 def markdown(report: dict) -> str:
@@ -108,6 +114,9 @@ def main() -> int:
     parser.add_argument("--episodic", default='{"preset": "fast"}', help="episodic settings (JSON)")
     parser.add_argument("--kv-space-gib", type=int, default=8)
     parser.add_argument("--tag", default="", help="suffix of the output files")
+    parser.add_argument("--reuse", nargs="*", default=[], choices=["stock", "episodic"],
+                        help="take these backends' rows from the result files of an earlier run "
+                             "(benchmarks/results/bench-serve) instead of serving them again")
     args = parser.parse_args()
 
     model_dir = common.resolve_model(args.model)
@@ -118,6 +127,11 @@ def main() -> int:
     for backend in args.backends:
         lengths = [n for n in args.lengths if backend == "episodic" or n <= args.stock_max_len]
         if not lengths:
+            continue
+        if backend in args.reuse:
+            report[backend] = [{**read_row(out_dir / f"{backend}-{n}-c{c}.json", n, c), "backend": backend}
+                               for n in lengths for c in args.concurrency
+                               if (out_dir / f"{backend}-{n}-c{c}.json").exists()]
             continue
         max_len = max(lengths) + args.output_len + 64
         rows = []

@@ -30,7 +30,11 @@ def score_events_reference(query: torch.Tensor, reps: torch.Tensor, owner: torch
     Returns:
         ``(events,)`` float32 scores.
     """
-    scores = (query.float()[owner.long()] * reps.float()).sum(dim=(1, 2))
+    rows = query.shape[0]
+    flat = reps.reshape(reps.shape[0], -1).float()  # no copy for float32 representatives
+    # [events, rows]: one GEMM instead of gathering every event's query row
+    per_row = flat @ query.reshape(rows, -1).float().t()
+    scores = per_row[:, 0] if rows == 1 else per_row.gather(1, owner.long()[:, None]).squeeze(1)
     return scores.masked_fill(available == 0, float("-inf"))
 
 
@@ -101,16 +105,20 @@ def select_within_budget(scores: torch.Tensor, sizes: torch.Tensor, offsets: tor
         budget: tokens per row (int, or ``(rows,)``).
 
     Returns:
-        ``order [rows, longest]`` local event ids in descending score and ``taken``
-        (same shape, bool): the longest prefix of ``order`` that fits the budget.
+        ``order [rows, k]`` local event ids in descending score and ``taken`` (same
+        shape, bool): the longest prefix of ``order`` that fits the budget. ``k`` is
+        just large enough to hold any such prefix (a top-k, not a full sort).
     """
     s, valid = padded(scores, offsets, float("-inf"))
     z, _ = padded(sizes, offsets, 0)
-    order = torch.argsort(s, dim=1, descending=True, stable=True)
+    budget = torch.as_tensor(budget, device=scores.device).reshape(-1, 1)
+    positive = sizes[sizes > 0]
+    smallest = int(positive.min()) if positive.numel() else 1
+    k = min(s.shape[1], int(budget.max()) // smallest + 1)
+    _, order = torch.topk(s, k, dim=1, sorted=True)
     ranked_sizes = torch.gather(z, 1, order)
     ranked_ok = torch.gather(valid & torch.isfinite(s), 1, order)
-    budget = torch.as_tensor(budget, device=scores.device).reshape(-1, 1)
     fits = (torch.cumsum(ranked_sizes, 1) <= budget) & ranked_ok
     # a prefix: stop at the first event that does not fit
-    taken = torch.cumprod(fits.to(torch.int8), 1).bool()
+    taken = torch.cumsum(~fits, 1) == 0
     return order, taken

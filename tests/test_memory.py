@@ -22,7 +22,7 @@ SCALE = DIM**-0.5
 
 def settings(**overrides):
     values = dict(
-        sink_tokens=8, window_tokens=64, retrieval_budget_tokens=4096, min_event_tokens=4,
+        sink_tokens=8, window_tokens=64, retrieval_budget_tokens=4096, retrieval_interval=1, min_event_tokens=4,
         max_event_tokens=16, segmentation="surprise", surprise_gamma=0.5, surprise_window=32,
         contiguity_share=0.3, refinement=False, refinement_metric="modularity",
         representatives_per_event=2, device_event_cache_tokens=8192, positions="exact",
@@ -155,6 +155,33 @@ def test_selection_fills_the_budget_exactly_before_the_local_part():
     memory.release(["r"])
     assert memory.requests == {} and memory.stats.get("host_bytes") == 0
     assert memory.stats.get("requests_tracked") == 0
+
+
+def test_retrieval_interval_keeps_a_layers_selection_between_retrievals():
+    """With retrieval_interval=3 a prefill chunk and every third decode step (the first
+    one included) retrieve; the steps between attend the same events, so the device
+    cache needs no copy."""
+    from vllm_episodic.core.event_cache import EventSlots
+
+    seq = Sequence(700)
+    config = settings(retrieval_budget_tokens=64, retrieval_interval=3)
+    _, memory = run(seq, config, [600])
+    request = memory.requests["r"]
+    slots = EventSlots(64)
+    fresh = []
+    for step, done in enumerate(range(600, 607)):
+        (plan,) = memory.plan_step([BatchRow("r", done, 1, capacity=700)])
+        retrieved = memory.stats.get("events_retrieved")
+        chosen = request.select(0, plan, seq.q[0][done : done + 1])
+        update = slots.update(chosen, plan.memory_tokens)
+        fresh.append(plan.refresh)
+        if not plan.refresh:
+            assert chosen is previous and not update.loads and not update.moves
+            assert memory.stats.get("events_retrieved") == retrieved
+        previous = chosen
+    assert fresh == [True, False, False, True, False, False, True]
+    (plan,) = memory.plan_step([BatchRow("r", 607, 8, capacity=700)])
+    assert plan.refresh  # a prefill chunk always retrieves
 
 
 def test_host_memory_cap_evicts_least_recently_retrieved_pages():

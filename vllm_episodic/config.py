@@ -61,6 +61,11 @@ class EpisodicConfig(BaseModel):
     surprise_window: int = Field(128, ge=2, le=1 << 20)
     """How many earlier tokens' surprise the mean and std are taken over."""
 
+    retrieval_interval: int = Field(1, ge=1, le=1024)
+    """Decode steps between retrievals (1: every step, as EM-LLM). In between, each layer
+    attends the events it last retrieved, so its device cache is not rewritten; prefill
+    chunks always retrieve."""
+
     contiguity_share: float = Field(0.3, ge=0.0, lt=1.0)
     """Share of the retrieval budget given to temporal neighbours of retrieved events."""
 

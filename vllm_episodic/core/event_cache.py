@@ -41,6 +41,7 @@ class EventSlots:
         self.reserve: OrderedDict[int, list[int]] = OrderedDict()
         self._free_active: list[int] = []
         self._free_reserve: list[int] = list(range(num_slots - 1, -1, -1))
+        self._applied: dict[int, int] | None = None  # the selection the slots hold now
 
     def clear(self) -> None:
         """Forget everything (the keys' rotation changed); the slot count stays."""
@@ -49,6 +50,7 @@ class EventSlots:
         self.attended = 0
         self._free_active = []
         self._free_reserve = list(range(self.num_slots - 1, -1, -1))
+        self._applied = None
 
     def resident_tokens(self) -> int:
         return sum(map(len, self.active.values())) + sum(map(len, self.reserve.values()))
@@ -59,6 +61,9 @@ class EventSlots:
         ``sum(selection.values())`` must equal ``attended``. ``num_slots`` grows the cache
         (slots become usable as the request's blocks are vacated).
         """
+        if selection is self._applied and attended == self.attended:
+            # the very selection the slots already hold (a step that did not retrieve)
+            return SlotPlan(hits=len(selection))
         if num_slots is not None and num_slots > self.num_slots:
             self._free_reserve[:0] = range(num_slots - 1, self.num_slots - 1, -1)
             self.num_slots = num_slots
@@ -103,6 +108,7 @@ class EventSlots:
                 plan.loads.append((event, len(have), need, slots))
                 plan.misses += 1
             self.active[event] = have + slots
+        self._applied = selection
         return plan
 
     def _resize(self, attended: int) -> None:

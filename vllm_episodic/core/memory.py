@@ -41,7 +41,6 @@ local part is attended as is (exact relative distances). Memory keys are rotated
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -71,6 +70,7 @@ class Settings(Protocol):
     sink_tokens: int
     window_tokens: int
     retrieval_budget_tokens: int
+    retrieval_interval: int
     min_event_tokens: int
     max_event_tokens: int
     segmentation: str
@@ -166,6 +166,8 @@ class RowPlan:
     """RoPE angles that put this step's queries ``window`` tokens after memory (scoring)"""
     everything: dict[int, int] | None = None
     """when all of memory fits the budget: every event (and its available tokens)"""
+    refresh: bool = True
+    """retrieve in this step (else layers keep their last selection when still valid)"""
 
     @property
     def end(self) -> int:
@@ -206,6 +208,9 @@ class RequestMemory:
     slots: list[EventSlots] = field(init=False)
     sink_state: list[tuple] = field(init=False)
     """per layer: the rotation the sink tokens in the paged cache have (engine-side)"""
+    retained: list[tuple | None] = field(init=False)
+    """per layer: ((budget, frame, anchor), selection) of the last retrieval"""
+    decode_steps: int = 0
 
     def __post_init__(self):
         s = self.settings
@@ -220,6 +225,7 @@ class RequestMemory:
         self._ring_next = [0] * self.shape.num_layers
         self.slots = [EventSlots(0) for _ in range(self.shape.num_layers)]
         self.sink_state = [("natural", None)] * self.shape.num_layers
+        self.retained = [None] * self.shape.num_layers
 
     @property
     def open_start(self) -> int:
@@ -231,6 +237,16 @@ class RequestMemory:
             self.surprise[first:end] = values[: end - first]
 
     # ---- per step -------------------------------------------------------------------
+
+    def refreshes(self, num_scheduled: int) -> bool:
+        """Whether this step retrieves: every prefill chunk, every ``retrieval_interval``-th
+        decode step (the first one included)."""
+        if num_scheduled > 1:
+            self.decode_steps = 0
+            return True
+        due = self.decode_steps % self.settings.retrieval_interval == 0
+        self.decode_steps += 1
+        return due
 
     def plan(self, frame: str, num_computed: int, num_scheduled: int, reference: bool) -> tuple:
         """(mode, local_start, memory_tokens, cache_slots, anchor, rewrite) for the step."""
@@ -318,6 +334,10 @@ class RequestMemory:
         if plan.everything is not None:
             store.touch(list(plan.everything), plan.end)
             return dict(plan.everything)
+        key = (budget, plan.frame, plan.anchor)
+        kept = self.retained[layer]
+        if not plan.refresh and kept is not None and kept[0] == key:
+            return kept[1]
         # the query as seen from memory at distance `window` (un-rotated keys at 0)
         q_score = self.rope.apply(query, *plan.score_angles).mean(0)
         picked, scores = retrieve(q_score, store.reps[layer, :count], available, budget, self.contiguity[layer])
@@ -325,15 +345,22 @@ class RequestMemory:
         used = sum(chosen.values())
         # fill the budget exactly with the least relevant events, the last one cut: a cut
         # never falls into an event that matters
-        for e in torch.argsort(scores, stable=True).tolist():
-            if used >= budget:
-                break
-            if e in chosen or available[e] == 0:
-                continue
-            chosen[e] = min(int(available[e]), budget - used)
-            used += chosen[e]
+        if used < budget:
+            # only as many of the least relevant as can be needed (a partial sort)
+            present = available > 0
+            smallest = int(available[present].min()) if bool(present.any()) else 1
+            k = min(count, (budget - used) // smallest + 1 + len(chosen))
+            least = torch.topk(scores.masked_fill(~present, float("inf")), k, largest=False).indices
+            for e in least.tolist():
+                if used >= budget:
+                    break
+                if e in chosen or available[e] == 0:
+                    continue
+                chosen[e] = min(int(available[e]), budget - used)
+                used += chosen[e]
         self.stats.inc("events_retrieved", len(chosen))
         store.touch(list(chosen), plan.end)
+        self.retained[layer] = (key, chosen)
         return chosen
 
     def memory_keys(self, layer: int, events: list[tuple[int, int, int]], frame: str, anchor: int,
@@ -467,6 +494,7 @@ class EpisodicMemory:
                 anchor=anchor, rewrite=rewrite,
                 block_row=None if block_rows is None else block_rows[index],
                 observe=end + OBSERVATION_QUERIES + row.num_scheduled > self.layout.sinks + s.window_tokens,
+                refresh=memory.refreshes(row.num_scheduled),
             )
             if mode != "natural" and memory_tokens > 0:
                 self._plan_retrieval(plan)
@@ -564,16 +592,3 @@ class EpisodicMemory:
         """Gauges that walk every cached event: call only before publishing."""
         self.stats.set("device_cache_tokens", sum(
             slots.resident_tokens() for m in self.requests.values() for slots in m.slots))
-
-
-def timed_stat(stats: Stats, name: str):
-    """Context manager adding the elapsed seconds to a histogram of ``stats``."""
-
-    class _Timer:
-        def __enter__(self):
-            self.began = time.perf_counter()
-
-        def __exit__(self, *exc):
-            stats.observe(name, time.perf_counter() - self.began)
-
-    return _Timer()

@@ -4,7 +4,7 @@ events, and their representative keys.
 Token t lives in page ``t // page_tokens`` at offset ``t % page_tokens``::
 
     page keys, values  [num_layers, num_kv_heads, page_tokens, head_size]   un-rotated
-    reps               [num_layers, events, num_heads, head_size]           (grows)
+    reps               [num_layers, events, num_heads, head_size]           float32 (grows)
     starts, ends       [events]                                            token ranges
 
 Pages are allocated as tokens arrive (pinned on CUDA) and can be dropped one by one
@@ -41,7 +41,8 @@ class HostStore:
         self.values: list[torch.Tensor | None] = []
         self.evicted: set[int] = set()
         self.page_last_use = torch.zeros(0, dtype=torch.long)
-        self.reps = torch.empty((num_layers, 0, num_heads, head_size), dtype=dtype, device=reps_device)
+        # float32: scoring reads them every step and accumulates in float32 anyway
+        self.reps = torch.empty((num_layers, 0, num_heads, head_size), dtype=torch.float32, device=reps_device)
         self.starts = torch.empty(0, dtype=torch.long)
         self.ends = torch.empty(0, dtype=torch.long)
         self.alive = torch.empty(0, dtype=torch.bool)
@@ -49,7 +50,7 @@ class HostStore:
         self.end_token = 0  # tokens [0, end_token) were written
         self.evicted_tokens = 0
         self._page_bytes = 2 * num_layers * num_kv_heads * page_tokens * head_size * dtype.itemsize
-        self._event_bytes = num_layers * num_heads * head_size * dtype.itemsize
+        self._event_bytes = num_layers * num_heads * head_size * 4
 
     @property
     def nbytes(self) -> int:

@@ -1,0 +1,142 @@
+"""Where a decode step's time goes, episodic vs stock, at one context length.
+
+One request (prompt of ``--context`` tokens, then ``--decode`` greedy tokens) through an
+in-process engine. The episodic step is split by timing the memory's own entry points
+(this script wraps them; nothing in the package is timed on its own):
+
+- plan: per-step bookkeeping (rows, frames, block-table assembly);
+- scoring: retrieval per layer (score events, select within the budget, contiguity);
+- gather: moving selected tokens into the event-cache slots (keys re-rotated);
+- attention: vLLM's CPU attention op over sinks + events + window;
+- surprise: −log p of the step's tokens (logits carried from the sampler);
+- events: segmentation and writing finished events to the host store;
+- rest: the model outside attention (embeddings, MLPs, norms, sampler) and the engine.
+
+    python benchmarks/profile_decode.py --context 30000 --decode 64
+
+Prints a table and writes benchmarks/results/profile-decode.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+SPENT: dict[str, float] = defaultdict(float)
+
+
+def timing(owner, name: str, key: str) -> None:
+    original = getattr(owner, name)
+
+    @functools.wraps(original)
+    def timed(*args, **kwargs):
+        began = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            SPENT[key] += time.perf_counter() - began
+
+    setattr(owner, name, timed)
+
+
+def instrument() -> None:
+    from vllm_episodic.core import memory
+    from vllm_episodic.integration import cpu_backend, runtime
+
+    timing(memory.EpisodicMemory, "plan_step", "plan")
+    timing(memory.RequestMemory, "select", "scoring")
+    timing(runtime.WorkerRuntime, "fill_cache", "scoring+gather")
+    timing(cpu_backend.EpisodicCPUImpl, "forward", "attention layer")
+    timing(runtime, "token_surprise", "surprise")
+    timing(runtime.WorkerRuntime, "after_logits", "surprise")
+    timing(memory.EpisodicMemory, "end_step", "events")
+
+
+def decode_steps(llm, prompt_ids: list[int], decode: int) -> tuple[float, int]:
+    """Seconds spent in decode steps (after the first token) and how many."""
+    from vllm import SamplingParams
+
+    engine = llm.llm_engine
+    engine.add_request("profile", {"prompt_token_ids": prompt_ids},
+                       SamplingParams(max_tokens=decode, ignore_eos=True, temperature=0.0))
+    decoding, spent, steps = False, 0.0, 0
+    while engine.has_unfinished_requests():
+        began = time.perf_counter()
+        outputs = engine.step()
+        if decoding:
+            spent += time.perf_counter() - began
+            steps += 1
+        elif outputs and outputs[0].outputs[0].token_ids:
+            decoding = True
+            SPENT.clear()  # from here on, decode steps only
+    return spent, steps
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--context", type=int, default=30000)
+    parser.add_argument("--decode", type=int, default=64)
+    parser.add_argument("--episodic", default='{"preset": "smollm2"}')
+    parser.add_argument("--backends", nargs="+", default=["episodic", "stock"])
+    args = parser.parse_args()
+
+    from transformers import AutoTokenizer
+    from vllm import LLM
+
+    from vllm_episodic.workloads import filler_text
+
+    model_dir = common.resolve_model(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompt_ids = tokenizer(filler_text(args.context, seed=1), add_special_tokens=False)["input_ids"][: args.context]
+    max_len = args.context + args.decode + 64
+    report = {"machine": common.machine(), "model": args.model, "context": len(prompt_ids), "decode": args.decode,
+              "episodic": json.loads(args.episodic)}
+    instrument()
+    for backend in args.backends:
+        kwargs = dict(model=model_dir, enforce_eager=True, max_model_len=max_len, enable_prefix_caching=False,
+                      max_num_batched_tokens=2048)
+        if backend == "episodic":
+            kwargs.update(attention_backend="episodic", additional_config={"episodic": json.loads(args.episodic)})
+        elif max_len > common.trained_length(model_dir):
+            kwargs["hf_overrides"] = {"max_position_embeddings": max_len}
+        llm = LLM(**kwargs)
+        spent, steps = decode_steps(llm, prompt_ids, args.decode)
+        parts = {k: v / steps * 1e3 for k, v in SPENT.items()} if backend == "episodic" else {}
+        report[backend] = {"step_ms": spent / steps * 1e3, "steps": steps, "parts_ms": parts}
+        common.log(f"{backend}: {spent / steps * 1e3:.2f} ms per decode step over {steps} steps; {parts}")
+        del llm
+
+    episodic = report.get("episodic")
+    lines = ["| part of a decode step | ms | share |", "|---|---|---|"]
+    if episodic:
+        p = episodic["parts_ms"]
+        gather = p.get("scoring+gather", 0) - p.get("scoring", 0)
+        attention = p.get("attention layer", 0) - p.get("scoring+gather", 0)
+        rows = [("plan (bookkeeping)", p.get("plan", 0)), ("scoring + selection", p.get("scoring", 0)),
+                ("gather into cache slots", gather), ("attention (vLLM CPU op)", attention),
+                ("surprise", p.get("surprise", 0)), ("events + host store", p.get("events", 0))]
+        rows.append(("rest of the model and engine", episodic["step_ms"] - sum(v for _, v in rows)))
+        for name, ms in rows:
+            lines.append(f"| {name} | {ms:.2f} | {ms / episodic['step_ms']:.0%} |")
+        lines.append(f"| **episodic step** | **{episodic['step_ms']:.2f}** | |")
+    if "stock" in report:
+        lines.append(f"| stock vLLM step (same context) | {report['stock']['step_ms']:.2f} | |")
+    (common.RESULTS / "profile-decode.json").write_text(json.dumps(report, indent=1))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
