@@ -32,7 +32,7 @@ def representatives(
         top: tokens averaged per event and head.
 
     Returns:
-        ``[k, num_heads, head_size]`` in ``keys.dtype``.
+        ``[k, num_heads, head_size]`` float32 (scoring reads them in float32).
     """
     num_events = int(lengths.numel())
     num_heads = obs_queries.shape[1]
@@ -62,4 +62,4 @@ def representatives(
     picked = keys.float()[token, kv_head[:, None, None]]  # [H, k, take, D]
     weight = chosen_valid.float().unsqueeze(-1)
     reps = (picked * weight).sum(2) / weight.sum(2).clamp(min=1)  # [H, k, D]
-    return reps.transpose(0, 1).to(keys.dtype)
+    return reps.transpose(0, 1).contiguous()
