@@ -79,8 +79,12 @@ class Soak:
                 stop_after = self.rng.randint(1, self.args.max_tokens - 1) if mode == "decode" else None
                 await self._stream(session, body, record, stop_after)
             record.setdefault("outcome", "completed")
-        except asyncio.TimeoutError:
-            record["outcome"] = "aborted" if "ttft_s" not in record or mode == "prefill" else "error"
+        except asyncio.TimeoutError as e:
+            # our own mid-prefill abort, or a read that timed out (an error)
+            if mode == "prefill" and isinstance(e, TimeoutError) and not isinstance(e, aiohttp.ClientError):
+                record["outcome"] = "aborted"
+            else:
+                record["outcome"], record["error"] = "error", repr(e)
         except aiohttp.ClientError as e:
             record["outcome"], record["error"] = "error", repr(e)
         record["latency_s"] = time.monotonic() - began
