@@ -18,7 +18,6 @@ from vllm_episodic.kernels.block_attention import block_attention_reference
 from vllm_episodic.kernels.gather import gather_rotate_reference
 from vllm_episodic.kernels.prefetch import Prefetcher
 from vllm_episodic.kernels.score import (
-    padded,
     score_events_reference,
     select_within_budget,
 )
@@ -30,7 +29,7 @@ try:
 except ImportError:
     HAS_TRITON = False
 
-__all__ = ["Prefetcher", "block_attention", "gather_rotate", "padded", "score_events", "select_within_budget",
+__all__ = ["Prefetcher", "block_attention", "gather_rotate", "score_events", "select_within_budget",
            "uses_triton"]
 
 
