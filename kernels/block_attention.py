@@ -47,14 +47,19 @@ if triton is not None:
 
     @triton.jit
     def _block_attention_kernel(q_ptr, k_ptr, v_ptr, table_ptr, row_ptr, visible_ptr, out_ptr, lse_ptr, scale,
+                                blocks_per_split,
                                 q_stride_tok, q_stride_head, cache_stride_block, cache_stride_tok, cache_stride_head,
-                                table_stride, out_stride_tok, out_stride_head, lse_stride_tok,
+                                table_stride, out_stride_tok, out_stride_split, out_stride_head,
+                                lse_stride_tok, lse_stride_split,
                                 GROUP: tl.constexpr, HEAD_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                                 BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
-        # one program per (query token, KV head): the GROUP query heads sharing that KV
-        # head stream its keys once, with an online softmax over the row's blocks
+        # one program per (query token, KV head, split of the block list): the GROUP query
+        # heads sharing that KV head stream its keys once, with an online softmax over the
+        # split's blocks; splits are merged by their log-sum-exp afterwards (flash-decoding),
+        # so that one decode row still fills the GPU
         t = tl.program_id(0)
         kv_head = tl.program_id(1)
+        split = tl.program_id(2)
         row = tl.load(row_ptr + t).to(tl.int64)
         seen = tl.load(visible_ptr + t)
         g = tl.arange(0, BLOCK_G)
@@ -68,7 +73,9 @@ if triton is not None:
         denom = tl.zeros((BLOCK_G,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
         offs = tl.arange(0, BLOCK_SIZE)
-        for i in range(tl.cdiv(seen, BLOCK_SIZE)):
+        first = split * blocks_per_split
+        last = tl.minimum(first + blocks_per_split, tl.cdiv(seen, BLOCK_SIZE))
+        for i in range(first, last):
             block = tl.load(table_ptr + row * table_stride + i).to(tl.int64)
             key_ok = i * BLOCK_SIZE + offs < seen
             base = block * cache_stride_block + offs[:, None] * cache_stride_tok + kv_head * cache_stride_head + d[None, :]
@@ -86,29 +93,48 @@ if triton is not None:
         has = denom > 0
         out = acc / tl.where(has, denom, 1.0)[:, None]
         lse = tl.where(has, m + tl.log(tl.where(has, denom, 1.0)), float("-inf"))
-        tl.store(out_ptr + t * out_stride_tok + heads[:, None] * out_stride_head + d[None, :], out,
-                 mask=g_ok[:, None] & d_ok[None, :])
-        tl.store(lse_ptr + t * lse_stride_tok + heads, lse, mask=g_ok)
+        tl.store(out_ptr + t * out_stride_tok + split * out_stride_split + heads[:, None] * out_stride_head
+                 + d[None, :], out, mask=g_ok[:, None] & d_ok[None, :])
+        tl.store(lse_ptr + t * lse_stride_tok + split * lse_stride_split + heads, lse, mask=g_ok)
 
 
-def block_attention_triton(q, k_cache, v_cache, block_table, row_of, visible, scale: float):
-    """:func:`block_attention_reference` in one Triton launch."""
+def merge_splits(out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact merge of partial softmaxes: ``out [tokens, splits, heads, D]`` and
+    ``lse [tokens, splits, heads]`` (``-inf`` = the split saw no key) → one output and LSE."""
+    total = torch.logsumexp(lse, dim=1)  # [tokens, heads]; -inf where no split saw a key
+    weight = torch.exp(lse - total[:, None]).nan_to_num_(0.0)  # -inf - -inf is nan: no keys, no weight
+    return (weight[..., None] * out).sum(dim=1), total
+
+
+def block_attention_triton(q, k_cache, v_cache, block_table, row_of, visible, scale: float,
+                           splits: int | None = None):
+    """:func:`block_attention_reference` in one Triton launch (plus an exact merge when the
+    block list is split across programs; ``splits`` defaults to enough programs for a GPU)."""
     tokens, num_heads, head_size = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
-    out = torch.empty(tokens, num_heads, head_size, dtype=torch.float32, device=q.device)
-    lse = torch.empty(tokens, num_heads, dtype=torch.float32, device=q.device)
     if tokens == 0:
-        return out, lse
+        return (torch.empty(0, num_heads, head_size, dtype=torch.float32, device=q.device),
+                torch.empty(0, num_heads, dtype=torch.float32, device=q.device))
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1, "K/V caches must share a layout"
+    columns = block_table.shape[1]
+    if splits is None:  # ~512 programs, at least 4 blocks each
+        splits = min(triton.cdiv(columns, 4), triton.cdiv(512, tokens * num_kv_heads))
+    splits = max(1, min(splits, columns))
+    blocks_per_split = triton.cdiv(columns, splits)
+    splits = triton.cdiv(columns, blocks_per_split)
+    out = torch.empty(tokens, splits, num_heads, head_size, dtype=torch.float32, device=q.device)
+    lse = torch.empty(tokens, splits, num_heads, dtype=torch.float32, device=q.device)
     q = q.contiguous()
     block_table = block_table.to(torch.int32).contiguous()
-    _block_attention_kernel[(tokens, num_kv_heads)](
+    _block_attention_kernel[(tokens, num_kv_heads, splits)](
         q, k_cache, v_cache, block_table, row_of.to(torch.int32).contiguous(),
-        visible.to(torch.int32).contiguous(), out, lse, scale,
+        visible.to(torch.int32).contiguous(), out, lse, scale, blocks_per_split,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        block_table.stride(0), out.stride(0), out.stride(1), lse.stride(0),
+        block_table.stride(0), out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
         GROUP=group, HEAD_SIZE=head_size, BLOCK_SIZE=block_size,
         BLOCK_G=max(triton.next_power_of_2(group), 1), BLOCK_D=triton.next_power_of_2(head_size),
     )
-    return out, lse
+    if splits == 1:
+        return out[:, 0], lse[:, 0]
+    return merge_splits(out, lse)

@@ -81,12 +81,15 @@ def score_events_triton(query: torch.Tensor, reps: torch.Tensor, owner: torch.Te
     return out
 
 
-def padded(values: torch.Tensor, offsets: torch.Tensor, fill: float) -> tuple[torch.Tensor, torch.Tensor]:
+def padded(values: torch.Tensor, offsets: torch.Tensor, fill: float,
+           longest: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Ragged ``values`` (row r owns ``values[offsets[r]:offsets[r + 1]]``) as a
-    ``[rows, longest]`` tensor padded with ``fill``, and the valid mask."""
+    ``[rows, longest]`` tensor padded with ``fill``, and the valid mask. ``longest``
+    (at least the largest row) spares a device→host read when the caller knows it."""
     counts = offsets[1:] - offsets[:-1]
     rows = counts.numel()
-    longest = int(counts.max()) if rows else 0
+    if longest is None:
+        longest = int(counts.max()) if rows else 0
     ranks = torch.arange(longest, device=values.device)
     valid = ranks[None, :] < counts[:, None]
     index = (offsets[:-1, None] + ranks[None, :]).clamp(max=max(values.numel() - 1, 0))
@@ -95,7 +98,8 @@ def padded(values: torch.Tensor, offsets: torch.Tensor, fill: float) -> tuple[to
 
 
 def select_within_budget(scores: torch.Tensor, sizes: torch.Tensor, offsets: torch.Tensor,
-                         budget: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
+                         budget: torch.Tensor | int, longest: int | None = None,
+                         smallest: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row, the best events (descending score) while their sizes fit the budget.
 
     Args:
@@ -103,18 +107,25 @@ def select_within_budget(scores: torch.Tensor, sizes: torch.Tensor, offsets: tor
         sizes: ``(events,)`` tokens of each event.
         offsets: ``(rows + 1,)`` event offsets of the rows.
         budget: tokens per row (int, or ``(rows,)``).
+        longest, smallest: the most events of a row and the smallest event size, when the
+            caller knows them (on a GPU, reading them back would stall the stream).
 
     Returns:
         ``order [rows, k]`` local event ids in descending score and ``taken`` (same
         shape, bool): the longest prefix of ``order`` that fits the budget. ``k`` is
         just large enough to hold any such prefix (a top-k, not a full sort).
     """
-    s, valid = padded(scores, offsets, float("-inf"))
-    z, _ = padded(sizes, offsets, 0)
-    budget = torch.as_tensor(budget, device=scores.device).reshape(-1, 1)
-    positive = sizes[sizes > 0]
-    smallest = int(positive.min()) if positive.numel() else 1
-    k = min(s.shape[1], int(budget.max()) // smallest + 1)
+    s, valid = padded(scores, offsets, float("-inf"), longest)
+    z, _ = padded(sizes, offsets, 0, longest)
+    if isinstance(budget, int):
+        # filled on the device (a host→device copy could not be captured in a CUDA graph)
+        most, budget = budget, torch.full((1, 1), budget, device=scores.device)
+    else:
+        most, budget = int(budget.max()), budget.reshape(-1, 1)
+    if smallest is None:
+        positive = sizes[sizes > 0]
+        smallest = int(positive.min()) if positive.numel() else 1
+    k = min(s.shape[1], most // max(smallest, 1) + 1)
     _, order = torch.topk(s, k, dim=1, sorted=True)
     ranked_sizes = torch.gather(z, 1, order)
     ranked_ok = torch.gather(valid & torch.isfinite(s), 1, order)

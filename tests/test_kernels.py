@@ -66,6 +66,10 @@ def test_budget_selection_matches_per_row_greedy():
     scores = torch.randn(owner.numel(), generator=gen)
     sizes = torch.randint(8, 129, (owner.numel(),), generator=gen)
     order, taken = select_within_budget(scores, sizes, offsets, 700)
+    # the same with the row length and event size the caller knows (no device→host reads),
+    # including a longest larger than any row and a smallest below the true one
+    longest = int((offsets[1:] - offsets[:-1]).max())
+    hinted = select_within_budget(scores, sizes, offsets, 700, longest=longest + 3, smallest=4)
     for row in range(7):
         lo, hi = int(offsets[row]), int(offsets[row + 1])
         want, used = [], 0
@@ -75,6 +79,7 @@ def test_budget_selection_matches_per_row_greedy():
             want.append(event)
             used += int(sizes[lo + event])
         assert order[row][taken[row]].tolist() == want
+        assert hinted[0][row][hinted[1][row]].tolist() == want
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -124,6 +129,28 @@ def test_gather_reference_matches_the_rope_frames():
     torch.testing.assert_close(dst_k, rope.rotate(keys, position), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="zero-copy reads of pinned host memory need a GPU")
+def test_gather_reads_the_pinned_host_store(kernels):
+    """On CUDA the gather kernel reads selected tokens straight from pinned host memory."""
+    gen = torch.Generator().manual_seed(7)
+    src_k = torch.randn(500, 8, 128, generator=gen).to(torch.bfloat16).pin_memory()
+    src_v = torch.randn(500, 8, 128, generator=gen).to(torch.bfloat16).pin_memory()
+    index = torch.randint(0, 500, (77,), generator=gen)
+    slot = torch.randperm(100, generator=gen)[:77]
+    position = torch.randint(-300, 3000, (77,), generator=gen)
+    inv = 1.0 / (10000 ** (torch.arange(0, 128, 2).float() / 128))
+    angles = torch.arange(4096).float()[:, None] * inv[None, :]
+    cos_sin = torch.cat((angles.cos(), angles.sin()), dim=-1)
+    got_k, got_v = torch.zeros(100, 8, 128, dtype=torch.bfloat16, device="cuda"), torch.zeros(
+        100, 8, 128, dtype=torch.bfloat16, device="cuda")
+    kernels["gather"].gather_rotate_triton(src_k, src_v, index.cuda(), got_k, got_v, slot.cuda(), cos_sin.cuda(),
+                                           position.cuda(), True)
+    want_k, want_v = torch.zeros(100, 8, 128, dtype=torch.bfloat16), torch.zeros(100, 8, 128, dtype=torch.bfloat16)
+    kernels["gather"].gather_rotate_reference(src_k, src_v, index, want_k, want_v, slot, cos_sin, position, True)
+    torch.testing.assert_close(got_k.cpu(), want_k, rtol=5e-2, atol=5e-2)
+    assert torch.equal(got_v.cpu(), want_v)
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_block_attention_matches_reference(kernels, seed):
     gen = torch.Generator().manual_seed(200 + seed)
@@ -140,15 +167,17 @@ def test_block_attention_matches_reference(kernels, seed):
     visible = torch.tensor([171, 60, 61, 62, 63, 0, 5])
     q = torch.randn(row_of.numel(), group * num_kv_heads, head_size, generator=gen).to(dtype)
     scale = head_size ** -0.5
-    got_out, got_lse = kernels["block_attention"].block_attention_triton(
-        *_on_device(q, k_cache, v_cache, block_table, row_of, visible), scale)
-    got_out, got_lse = got_out.cpu(), got_lse.cpu()
     want_out, want_lse = kernels["block_attention"].block_attention_reference(q, k_cache, v_cache, block_table,
                                                                               row_of, visible, scale)
     tol = TOLERANCE[dtype]
-    torch.testing.assert_close(got_out, want_out, rtol=tol, atol=tol)
-    torch.testing.assert_close(got_lse, want_lse, rtol=tol, atol=tol)
-    assert torch.isinf(got_lse[5]).all() and not got_out[5].any()
+    # one program per row, the automatic split, and splits that leave some programs no keys
+    for splits in (1, None, 5, 12):
+        got_out, got_lse = kernels["block_attention"].block_attention_triton(
+            *_on_device(q, k_cache, v_cache, block_table, row_of, visible), scale, splits=splits)
+        got_out, got_lse = got_out.cpu(), got_lse.cpu()
+        torch.testing.assert_close(got_out, want_out, rtol=tol, atol=tol)
+        torch.testing.assert_close(got_lse, want_lse, rtol=tol, atol=tol)
+        assert torch.isinf(got_lse[5]).all() and not got_out[5].any()
 
 
 def test_block_attention_reference_is_plain_attention():
