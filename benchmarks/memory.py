@@ -78,6 +78,7 @@ def main() -> int:
     parser.add_argument("--episodic", default='{"preset": "smollm2"}')
     parser.add_argument("--decode-tokens", type=int, default=16)
     parser.add_argument("--kv-space-gib", type=int, default=8)
+    parser.add_argument("--tag", default="", help="suffix of the JSON name (runs of one backend each)")
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(args.kv_space_gib))
 
@@ -95,7 +96,7 @@ def main() -> int:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     max_len = max(args.lengths) + 256
     report = {"model": args.model, "machine": common.machine(), "bytes_per_token": per_token,
-              "episodic": json.loads(args.episodic)}
+              "episodic_config": json.loads(args.episodic)}
     for backend in args.backends:
         kwargs = dict(model=model_dir, enforce_eager=True, max_model_len=max_len, enable_prefix_caching=False)
         if backend == "episodic":
@@ -124,7 +125,7 @@ def main() -> int:
             lines.append(f"| {row['context']} | {backend} | {row['blocks_decode']} | "
                          f"{row['device_kv_bytes_decode'] / 2**20:.0f} | {row['blocks_prefill_peak']} | {host} |")
     print("\n".join(lines))
-    out = common.RESULTS / f"memory-{Path(args.model).name}.json"
+    out = common.RESULTS / f"memory-{Path(args.model).name}{args.tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     common.log(f"wrote {out}")

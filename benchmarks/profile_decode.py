@@ -102,7 +102,7 @@ def main() -> int:
     prompt_ids = tokenizer(filler_text(args.context, seed=1), add_special_tokens=False)["input_ids"][: args.context]
     max_len = args.context + args.decode + 64
     report = {"machine": common.machine(), "model": args.model, "context": len(prompt_ids), "decode": args.decode,
-              "episodic": json.loads(args.episodic)}
+              "episodic_config": json.loads(args.episodic)}
     instrument()
     for backend in args.backends:
         kwargs = dict(model=model_dir, enforce_eager=True, max_model_len=max_len, enable_prefix_caching=False,

@@ -96,7 +96,7 @@ def main() -> int:
     samples = [make_sample(task, n, i, args.samples, count)
                for task in args.tasks for n in args.lengths for i in range(args.samples)]
     common.log(f"{len(samples)} prompts; backends {args.backends}")
-    report = {"model": args.model, "machine": common.machine(), "episodic": json.loads(args.episodic),
+    report = {"model": args.model, "machine": common.machine(), "episodic_config": json.loads(args.episodic),
               "lengths": args.lengths, "tasks": args.tasks}
     for backend in args.backends:
         mine = [s for s in samples if backend == "episodic" or s.length <= args.stock_max_len]

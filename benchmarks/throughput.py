@@ -122,7 +122,7 @@ def main() -> int:
     model_dir = common.resolve_model(args.model)
     out_dir = common.RESULTS / "bench-serve"
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = {"model": args.model, "machine": common.machine(), "episodic": json.loads(args.episodic),
+    report = {"model": args.model, "machine": common.machine(), "episodic_config": json.loads(args.episodic),
               "output_len": args.output_len, "num_prompts": args.num_prompts}
     for backend in args.backends:
         lengths = [n for n in args.lengths if backend == "episodic" or n <= args.stock_max_len]

@@ -113,7 +113,7 @@ def test_events_partition_the_tokens_that_left_the_window():
         torch.testing.assert_close(seq.rope.rotate(stored, pos), seq.k[layer][: int(ends[-1])], atol=1e-5, rtol=1e-5)
 
 
-def test_bounded_positions_put_events_at_an_anchor_window_tokens_back():
+def test_bounded_positions_put_memory_at_an_anchor_window_tokens_back():
     seq = Sequence(300)
     outputs, memory = run(seq, settings(positions="bounded"), [250, 1, 1])
     request = memory.requests["r"]
@@ -122,19 +122,45 @@ def test_bounded_positions_put_events_at_an_anchor_window_tokens_back():
     layer, t = 1, 251
     local = request.open_start // BLOCK * BLOCK
     unrotated = seq.rope.rotate(seq.k[layer][:local], torch.arange(local), inverse=True)
-    sink_k = seq.rope.rotate(unrotated[:16], torch.arange(16) + anchor - 16 - 16)  # before max_event
-    # each event keeps its order and ends at the anchor
+    # sinks before the longest run: the budget plus one event
+    sink_k = seq.rope.rotate(unrotated[:16], torch.arange(16) + anchor - request.layout.max_memory - 16 - 16)
+    # every event is retrieved, so memory is one run: its tokens in order, contiguous, the
+    # last event (cut by the local part) ending at the anchor
     store = request.store
-    target = torch.empty(local - 16, dtype=torch.long)
-    for e in range(store.num_events):
-        a, b = int(store.starts[e]), min(int(store.ends[e]), local)
-        if a < b:
-            target[a - 16 : b - 16] = anchor - (int(store.ends[e]) - 1 - torch.arange(a, b))
+    last = max(e for e in range(store.num_events) if int(store.starts[e]) < local)
+    target = anchor - (int(store.ends[last]) - 1 - torch.arange(16, local))
     mem_k = seq.rope.rotate(unrotated[16:], target)
     keys = torch.cat((sink_k, mem_k, seq.k[layer][local : t + 1]))
     values = seq.v[layer][: t + 1]
     expected, _ = attention_with_lse(seq.q[layer][t : t + 1], keys, values, SCALE)
     torch.testing.assert_close(outputs[layer][t : t + 1], expected, atol=2e-5, rtol=1e-4)
+
+
+def test_consecutive_events_form_runs_in_the_bounded_frame():
+    """Retrieved events that follow each other in the context (each whole but the last)
+    are laid out contiguously, so text crossing an event boundary reads in order; a cut
+    event or a gap starts a new run, and every run ends at the anchor."""
+    seq = Sequence(400)
+    _, memory = run(seq, settings(positions="bounded", retrieval_budget_tokens=64), [380])
+    request = memory.requests["r"]
+    store = request.store
+    size = lambda e: int(store.ends[e]) - int(store.starts[e])  # noqa: E731
+    # events 2, 3, 4 whole (one run), 6 cut (its own run), 7 and 8 whole (a run after 6's gap)
+    selection = {2: size(2), 3: size(3), 4: size(4), 6: size(6) - 1, 7: size(7), 8: size(8)}
+    placed = request.placed(0, selection, "bounded")
+    end = lambda e: int(store.ends[e])  # noqa: E731
+    assert placed == {(2, end(4) - end(2)): size(2), (3, end(4) - end(3)): size(3), (4, 0): size(4),
+                      (6, 0): size(6) - 1, (7, end(8) - end(7)): size(7), (8, 0): size(8)}
+    assert request.placed(0, selection, "bounded") is placed  # the same selection: no work
+    assert set(request.placed(0, selection, "exact")) == {(e, 0) for e in selection}
+    # the rotation the keys get: a run's tokens sit at consecutive positions ending at the anchor
+    anchor = 1000
+    ranges = [(key, 0, n) for key, n in sorted(placed.items())]
+    got_k, _ = request.memory_keys(0, ranges, "bounded", anchor, seq.rope)
+    first, last = int(store.starts[2]), end(4)
+    unrotated = store.gather(0, torch.arange(first, last))[0].transpose(0, 1)
+    want = seq.rope.rotate(unrotated, anchor - (last - 1 - torch.arange(first, last)))
+    torch.testing.assert_close(got_k[: last - first], want, atol=1e-5, rtol=1e-5)
 
 
 def test_selection_fills_the_budget_exactly_before_the_local_part():

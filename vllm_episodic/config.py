@@ -115,10 +115,12 @@ class EpisodicConfig(BaseModel):
 
     def bounded_span(self, block_size: int) -> int:
         """Largest distance a query sees in the bounded frame, prefill chunk excluded:
-        sinks, memory placed behind the window, the window, the open event and the
-        block alignment of the local part, and the anchor's drift."""
+        sinks, memory placed behind the window (a run of consecutive events: at most the
+        budget plus the cut event's tail), the window, the open event and the block
+        alignment of the local part, and the anchor's drift."""
         sinks = -(-self.sink_tokens // block_size) * block_size
-        return sinks + 2 * self.max_event_tokens + self.window_tokens + block_size + BOUNDED_DRIFT
+        memory = self.retrieval_budget_tokens + self.max_event_tokens
+        return sinks + memory + self.max_event_tokens + self.window_tokens + block_size + BOUNDED_DRIFT
 
     def resolved(self, trained_len: int, max_model_len: int, block_size: int) -> EpisodicConfig:
         """Settings for one model: the default event cache size filled in, checked so

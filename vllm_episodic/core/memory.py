@@ -29,12 +29,15 @@ Positions: vLLM hands over queries and keys rotated at their absolute positions;
 local part is attended as is (exact relative distances). Memory keys are rotated to:
 
 - ``exact``: their true positions (with every event retrieved: full attention);
-- ``bounded`` (InfLLM/EM-LLM): every event is placed so that it *ends* at one anchor
-  position A (its tokens keep their order: token r of an event of n tokens sits at
-  A − n + 1 + r), sinks sit before them (sink i at A − max_event − S + i), and
-  A = (first query) − window. Memory thus sits ``window`` tokens before the queries
-  (up to ``window + REANCHOR + chunk`` as queries advance; past that A moves and the
-  cache is rewritten): the model never sees a distance beyond its trained range.
+- ``bounded`` (InfLLM/EM-LLM): retrieved events are placed so that they *end* at one
+  anchor position A, and A = (first query) − window. Events that follow each other in
+  the context (a *run*: each fully retrieved but the last) are laid out contiguously,
+  the run's last token at A, so that text crossing an event boundary (a number cut by
+  a surprise boundary, typically) reads in order; separate runs overlap at A. Sinks sit
+  before every run (sink i at A − budget − max_event − S + i). Memory thus sits
+  ``window`` tokens before the queries (up to ``window + REANCHOR + chunk`` as queries
+  advance; past that A moves and the cache is rewritten) and spans at most the budget
+  plus one event: the model never sees a distance beyond its trained range.
 
 ``auto`` uses ``exact`` while the context fits the model's trained length.
 """
@@ -210,6 +213,8 @@ class RequestMemory:
     """per layer: the rotation the sink tokens in the paged cache have (engine-side)"""
     retained: list[tuple | None] = field(init=False)
     """per layer: ((budget, frame, anchor), selection) of the last retrieval"""
+    placements: list[tuple | None] = field(init=False)
+    """per layer: (selection, frame, placed) of the last :meth:`placed`"""
     decode_steps: int = 0
 
     def __post_init__(self):
@@ -226,6 +231,7 @@ class RequestMemory:
         self.slots = [EventSlots(0) for _ in range(self.shape.num_layers)]
         self.sink_state = [("natural", None)] * self.shape.num_layers
         self.retained = [None] * self.shape.num_layers
+        self.placements = [None] * self.shape.num_layers
 
     @property
     def open_start(self) -> int:
@@ -363,18 +369,43 @@ class RequestMemory:
         self.retained[layer] = (key, chosen)
         return chosen
 
-    def memory_keys(self, layer: int, events: list[tuple[int, int, int]], frame: str, anchor: int,
+    def placed(self, layer: int, selection: dict[int, int], frame: str) -> dict[tuple[int, int], int]:
+        """The selection keyed by ``(event, lag)``, the key its cached K/V is rotated for:
+        ``lag`` tokens separate the event's end from the end of its run (module
+        docstring; always 0 in the exact frame). The device cache keys its slots by this
+        pair, so an event whose run changes is rotated anew."""
+        memo = self.placements[layer]
+        if memo is not None and memo[0] is selection and memo[1] == frame:
+            return memo[2]
+        if frame == "exact" or not selection:
+            placed = {(e, 0): n for e, n in selection.items()}
+        else:
+            events = sorted(selection, reverse=True)
+            index = torch.tensor(events)
+            starts, ends = self.store.starts[index].tolist(), self.store.ends[index].tolist()
+            placed, run_end, later = {}, 0, None
+            for e, start, end in zip(events, starts, ends):
+                # e continues the run of the event after it when that one is retrieved
+                # too and e is retrieved whole (no gap between their tokens)
+                if later != e + 1 or selection[e] != end - start:
+                    run_end = end
+                placed[(e, run_end - end)] = selection[e]
+                later = e
+        self.placements[layer] = (selection, frame, placed)
+        return placed
+
+    def memory_keys(self, layer: int, events: list[tuple[tuple[int, int], int, int]], frame: str, anchor: int,
                     rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V of event token ranges, keys rotated for attention.
 
         Args:
-            events: ``(event, first rank, count)`` ranges.
+            events: ``((event, lag), first rank, count)`` ranges (keys of :meth:`placed`).
 
         Returns:
             ``keys, values [tokens, num_kv_heads, head_size]``.
         """
         store = self.store
-        starts = torch.tensor([int(store.starts[e]) + r for e, r, _ in events], dtype=torch.long)
+        starts = torch.tensor([int(store.starts[e]) + r for (e, _), r, _ in events], dtype=torch.long)
         counts = torch.tensor([n for _, _, n in events], dtype=torch.long)
         owner = torch.repeat_interleave(torch.arange(len(events)), counts)
         rank = torch.arange(int(counts.sum())) - (torch.cumsum(counts, 0) - counts)[owner]
@@ -382,16 +413,16 @@ class RequestMemory:
         if frame == "exact":
             target = positions
         else:
-            # every event ends at the anchor
-            ends = torch.tensor([int(store.ends[e]) for e, _, _ in events], dtype=torch.long)
+            # every run ends at the anchor: an event ends `lag` tokens before it
+            ends = torch.tensor([int(store.ends[e]) + lag for (e, lag), _, _ in events], dtype=torch.long)
             target = anchor - (ends[owner] - 1 - positions)
         return _rotated(store, layer, positions, target, rope)
 
     def sink_keys(self, layer: int, frame: str, anchor: int, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
-        """K/V of the sinks rotated for the frame: true positions, or A − max_event − S + i."""
+        """K/V of the sinks rotated for the frame: true positions, or A − budget − max_event − S + i."""
         sinks = self.layout.sinks
         positions = torch.arange(sinks)
-        shift = anchor - self.settings.max_event_tokens - sinks
+        shift = anchor - self.layout.max_memory - self.settings.max_event_tokens - sinks
         target = positions if frame == "exact" else positions + shift
         return _rotated(self.store, layer, positions, target, rope)
 
@@ -408,7 +439,8 @@ class RequestMemory:
         """
         sink_k, sink_v = self.sink_keys(layer, plan.frame, plan.anchor, rope)
         if selection:
-            mem_k, mem_v = self.memory_keys(layer, [(e, 0, n) for e, n in sorted(selection.items())],
+            placed = self.placed(layer, selection, plan.frame)
+            mem_k, mem_v = self.memory_keys(layer, [(key, 0, n) for key, n in sorted(placed.items())],
                                             plan.frame, plan.anchor, rope)
             sink_k, sink_v = torch.cat((sink_k, mem_k)), torch.cat((sink_v, mem_v))
         out_g, lse_g = attention_with_lse(query, sink_k, sink_v, scale)

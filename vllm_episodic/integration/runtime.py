@@ -173,7 +173,7 @@ class WorkerRuntime:
             sink_slots = (plan.block_row[: layout.sinks // bs].long()[:, None] * bs + torch.arange(bs)).flatten()
             write_slots(kv_cache, isa, sink_slots, *memory.sink_keys(layer, plan.frame, plan.anchor, self.rope))
             memory.sink_state[layer] = wanted
-        selection = memory.select(layer, plan, query)
+        selection = memory.placed(layer, memory.select(layer, plan, query), plan.frame)
         began = time.perf_counter()
         update = memory.slots[layer].update(selection, plan.memory_tokens, plan.cache_slots)
         if update.moves:
