@@ -116,11 +116,11 @@ def main() -> int:
     parser.add_argument("--tag", default="", help="suffix of the output files")
     parser.add_argument("--reuse", nargs="*", default=[], choices=["stock", "episodic"],
                         help="take these backends' rows from the result files of an earlier run "
-                             "(benchmarks/results/bench-serve) instead of serving them again")
+                             "(benchmarks/results/bench-serve/<model>) instead of serving them again")
     args = parser.parse_args()
 
     model_dir = common.resolve_model(args.model)
-    out_dir = common.RESULTS / "bench-serve"
+    out_dir = common.RESULTS / "bench-serve" / Path(model_dir).name
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {"model": args.model, "machine": common.machine(), "episodic_config": json.loads(args.episodic),
               "output_len": args.output_len, "num_prompts": args.num_prompts}
