@@ -206,7 +206,7 @@ class EpisodicLayers:
             self.attend(layer)
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bfloat16")
@@ -221,7 +221,11 @@ def main() -> int:
     parser.add_argument("--window", type=int, default=2048)
     parser.add_argument("--device-gib", type=float, default=60.0, help="largest full-attention KV tried")
     parser.add_argument("--repeat", type=int, default=5)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.manual_seed(0)
 

@@ -5,7 +5,7 @@
 #
 # Through the device tool, from the repository root:
 #   run(command="bash benchmarks/gpu_check.sh", timeout_s=330)
-# or name some of the steps: bash benchmarks/gpu_check.sh tests kernels decode
+# or name some of the steps: bash benchmarks/gpu_check.sh tests kernels decode profile
 # Results land in $OUT (or benchmarks/results when OUT is unset). A failing step is
 # reported and the next one still runs, so one lease gives every number it can.
 # DEVICE=cpu rehearses the script here (kernels interpreted, tiny decode step).
@@ -28,7 +28,7 @@ cp "$repo"/benchmarks/*.py "$stage/benchmarks/"
 cd "$stage"
 export PYTHONPATH="$stage${PYTHONPATH:+:$PYTHONPATH}"
 
-steps="${*:-tests kernels decode}"
+steps="${*:-tests kernels decode}"  # profile: only when named
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAME.txt
   local name=$1 limit=$2 began=$SECONDS
   shift 2
@@ -40,7 +40,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
 
 if [ "$DEVICE" = cuda ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-  contexts="32768 131072 262144 524288" layers=32
+  contexts="${CONTEXTS:-32768 131072 262144 524288}" layers=32
 else
   contexts="4096 8192" layers=2
 fi
@@ -54,4 +54,6 @@ cp benchmarks/results/kernels-*.json "$OUT/" 2>/dev/null
 step decode 200 python benchmarks/decode_step.py --device "$DEVICE" --contexts $contexts --layers $layers \
   --device-gib "${FULL_GIB:-100}" --repeat 5
 cp benchmarks/results/decode-step-*.json "$OUT/" 2>/dev/null
+step profile 90 python benchmarks/profile_gpu_step.py --device "$DEVICE" --context 131072 --layers $layers
+cp benchmarks/results/profile-gpu-step.json "$OUT/" 2>/dev/null
 exit 0
