@@ -90,8 +90,14 @@ def main() -> int:
     parser.add_argument("--decode", type=int, default=64)
     parser.add_argument("--episodic", default='{"preset": "smollm2"}')
     parser.add_argument("--backends", nargs="+", default=["episodic", "stock"])
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="engine max_model_len (default: just the prompt and the decoded tokens)")
+    parser.add_argument("--out", default=None, help="JSON path (default: results/profile-decode.json)")
+    parser.add_argument("--random-prompt", action="store_true",
+                        help="uniformly random token ids (as `vllm bench serve --dataset-name random`) instead of text")
     args = parser.parse_args()
 
+    import torch
     from transformers import AutoTokenizer
     from vllm import LLM
 
@@ -99,9 +105,14 @@ def main() -> int:
 
     model_dir = common.resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    prompt_ids = tokenizer(filler_text(args.context, seed=1), add_special_tokens=False)["input_ids"][: args.context]
-    max_len = args.context + args.decode + 64
+    if args.random_prompt:
+        gen = torch.Generator().manual_seed(1)
+        prompt_ids = torch.randint(0, tokenizer.vocab_size, (args.context,), generator=gen).tolist()
+    else:
+        prompt_ids = tokenizer(filler_text(args.context, seed=1), add_special_tokens=False)["input_ids"][: args.context]
+    max_len = args.max_model_len or args.context + args.decode + 64
     report = {"machine": common.machine(), "model": args.model, "context": len(prompt_ids), "decode": args.decode,
+              "prompt": "random token ids" if args.random_prompt else "text",
               "episodic_config": json.loads(args.episodic)}
     instrument()
     for backend in args.backends:
@@ -133,7 +144,7 @@ def main() -> int:
         lines.append(f"| **episodic step** | **{episodic['step_ms']:.2f}** | |")
     if "stock" in report:
         lines.append(f"| stock vLLM step (same context) | {report['stock']['step_ms']:.2f} | |")
-    (common.RESULTS / "profile-decode.json").write_text(json.dumps(report, indent=1))
+    (Path(args.out) if args.out else common.RESULTS / "profile-decode.json").write_text(json.dumps(report, indent=1))
     print("\n".join(lines))
     return 0
 
