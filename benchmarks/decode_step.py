@@ -168,9 +168,12 @@ class EpisodicLayers:
         events = order[0, :self.take]
         return (self.starts[events][:, None] + self.ranks[None, :]).flatten()
 
-    def layer_cache(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def fill(self, layer: int, keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor) -> None:
+        """``keys[index]``, ``values[index]`` into the layer's budget slots, keys rotated."""
         shape = (-1, self.args.kv_heads, self.args.head_size)
-        return self.cache_k[layer].view(shape), self.cache_v[layer].view(shape)
+        n = index.numel()
+        gather_rotate(keys, values, index, self.cache_k[layer].view(shape), self.cache_v[layer].view(shape),
+                      self.budget_slots[:n], self.cos_sin, self.positions[:n], True)
 
     def attend(self, layer: int) -> None:
         block_attention(self.q, self.cache_k[layer], self.cache_v[layer], self.table, self.row_of, self.visible,
@@ -178,11 +181,8 @@ class EpisodicLayers:
 
     def cold_step(self) -> None:
         for layer in range(self.args.layers):
-            index = self.select(layer)
-            cache_k, cache_v = self.layer_cache(layer)
             # straight from the host store into the cache slots: one launch, no staging
-            gather_rotate(self.host_k[layer], self.host_v[layer], index, cache_k, cache_v,
-                          self.budget_slots[:index.numel()], self.cos_sin, self.positions[:index.numel()], True)
+            self.fill(layer, self.host_k[layer], self.host_v[layer], self.select(layer))
             self.attend(layer)
 
     def staged_step(self, predicted: list[torch.Tensor]) -> None:
@@ -193,10 +193,7 @@ class EpisodicLayers:
                                        predicted[layer + 1])
             self.select(layer)  # still runs: it decides the next step's prediction
             keys, values = self.prefetcher.wait(layer % 2)
-            n = keys.shape[0]
-            cache_k, cache_v = self.layer_cache(layer)
-            gather_rotate(keys, values, torch.arange(n, device=self.device), cache_k, cache_v,
-                          self.budget_slots[:n], self.cos_sin, self.positions[:n], True)
+            self.fill(layer, keys, values, torch.arange(keys.shape[0], device=self.device))
             self.prefetcher.release(layer % 2)
             self.attend(layer)
 

@@ -83,20 +83,23 @@ def score_events_triton(query: torch.Tensor, reps: torch.Tensor, owner: torch.Te
     return out
 
 
-def padded(values: torch.Tensor, offsets: torch.Tensor, fill: float,
-           longest: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ragged ``values`` (row r owns ``values[offsets[r]:offsets[r + 1]]``) as a
-    ``[rows, longest]`` tensor padded with ``fill``, and the valid mask. ``longest``
-    (at least the largest row) spares a device→host read when the caller knows it."""
+def padded(offsets: torch.Tensor, longest: int | None,
+           *columns: tuple[torch.Tensor, float]) -> tuple[torch.Tensor, ...]:
+    """Ragged ``columns`` of ``(values, fill)`` (row r owns ``values[offsets[r]:offsets[r + 1]]``)
+    as ``[rows, longest]`` tensors padded with their fill, then the valid mask; the index is
+    built once for all columns. ``longest`` (at least the largest row) spares a device→host
+    read when the caller knows it."""
     counts = offsets[1:] - offsets[:-1]
     rows = counts.numel()
     if longest is None:
         longest = int(counts.max()) if rows else 0
-    ranks = torch.arange(longest, device=values.device)
+    ranks = torch.arange(longest, device=offsets.device)
     valid = ranks[None, :] < counts[:, None]
-    index = (offsets[:-1, None] + ranks[None, :]).clamp(max=max(values.numel() - 1, 0))
-    out = values[index] if values.numel() else values.new_empty((rows, longest))
-    return out.masked_fill(~valid, fill), valid
+    events = columns[0][0].numel()
+    index = (offsets[:-1, None] + ranks[None, :]).clamp(max=max(events - 1, 0))
+    out = [(values[index] if events else values.new_empty((rows, longest))).masked_fill(~valid, fill)
+           for values, fill in columns]
+    return (*out, valid)
 
 
 def select_within_budget(scores: torch.Tensor, sizes: torch.Tensor, offsets: torch.Tensor,
@@ -117,8 +120,7 @@ def select_within_budget(scores: torch.Tensor, sizes: torch.Tensor, offsets: tor
         shape, bool): the longest prefix of ``order`` that fits the budget. ``k`` is
         just large enough to hold any such prefix (a top-k, not a full sort).
     """
-    s, valid = padded(scores, offsets, float("-inf"), longest)
-    z, _ = padded(sizes, offsets, 0, longest)
+    s, z, valid = padded(offsets, longest, (scores, float("-inf")), (sizes, 0))
     if isinstance(budget, int):
         # filled on the device (a host→device copy could not be captured in a CUDA graph)
         most, budget = budget, torch.full((1, 1), budget, device=scores.device)

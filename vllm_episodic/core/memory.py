@@ -405,8 +405,9 @@ class RequestMemory:
             ``keys, values [tokens, num_kv_heads, head_size]``.
         """
         store = self.store
-        starts = torch.tensor([int(store.starts[e]) + r for (e, _), r, _ in events], dtype=torch.long)
-        counts = torch.tensor([n for _, _, n in events], dtype=torch.long)
+        ids, lags, firsts, counts = (torch.tensor(column, dtype=torch.long) for column in
+                                     zip(*((e, lag, r, n) for (e, lag), r, n in events)))
+        starts = store.starts[ids] + firsts
         owner = torch.repeat_interleave(torch.arange(len(events)), counts)
         rank = torch.arange(int(counts.sum())) - (torch.cumsum(counts, 0) - counts)[owner]
         positions = starts[owner] + rank
@@ -414,7 +415,7 @@ class RequestMemory:
             target = positions
         else:
             # every run ends at the anchor: an event ends `lag` tokens before it
-            ends = torch.tensor([int(store.ends[e]) + lag for (e, lag), _, _ in events], dtype=torch.long)
+            ends = store.ends[ids] + lags
             target = anchor - (ends[owner] - 1 - positions)
         return _rotated(store, layer, positions, target, rope)
 
