@@ -19,6 +19,7 @@ from vllm_episodic.kernels.gather import gather_rotate_reference
 from vllm_episodic.kernels.prefetch import Prefetcher
 from vllm_episodic.kernels.score import (
     score_events_reference,
+    score_layer_events_reference,
     select_within_budget,
 )
 
@@ -29,8 +30,8 @@ try:
 except ImportError:
     HAS_TRITON = False
 
-__all__ = ["Prefetcher", "block_attention", "gather_rotate", "score_events", "select_within_budget",
-           "uses_triton"]
+__all__ = ["Prefetcher", "block_attention", "gather_rotate", "score_events", "score_layer_events",
+           "select_within_budget", "uses_triton"]
 
 
 def uses_triton(tensor: torch.Tensor) -> bool:
@@ -45,6 +46,20 @@ def score_events(query, reps, owner, available) -> torch.Tensor:
 
         return score_events_triton(query, reps, owner, available)
     return score_events_reference(query, reps, owner, available)
+
+
+def score_layer_events(query, reps, available) -> torch.Tensor:
+    """Scores ``[layers, events]`` of one request's events for every layer: see
+    :func:`.score.score_layer_events_reference`."""
+    if uses_triton(reps):
+        from vllm_episodic.kernels.score import score_events_triton
+
+        layers, events = reps.shape[:2]
+        owner = torch.arange(layers, device=reps.device).repeat_interleave(events)
+        flat = score_events_triton(query, reps.reshape(layers * events, *reps.shape[2:]), owner,
+                                   available.repeat(layers))
+        return flat.view(layers, events)
+    return score_layer_events_reference(query, reps, available)
 
 
 def gather_rotate(src_k, src_v, src_index, dst_k, dst_v, dst_slot, cos_sin, position, is_neox_style: bool) -> None:

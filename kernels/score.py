@@ -38,6 +38,25 @@ def score_events_reference(query: torch.Tensor, reps: torch.Tensor, owner: torch
     return scores.masked_fill(available == 0, float("-inf"))
 
 
+def score_layer_events_reference(query: torch.Tensor, reps: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
+    """One request's events scored for several layers at once (one batched GEMM).
+
+    Args:
+        query: ``[layers, num_heads, head_size]`` one scoring query per layer.
+        reps: ``[layers, events, num_heads, head_size]`` each layer's representatives.
+        available: ``(events,)`` attendable tokens of each event (0 → ``-inf``).
+
+    Returns:
+        ``[layers, events]`` float32 scores, as :func:`score_events_reference` would give
+        with one batch row per layer.
+    """
+    layers, events = reps.shape[:2]
+    # [layers, 1, F] @ [layers, F, events]: on CPU this orientation is ~15x faster than
+    # [layers, events, F] @ [layers, F, 1] (a batch of matrix-vector products)
+    scores = torch.bmm(query.reshape(layers, 1, -1).float(), reps.reshape(layers, events, -1).float().transpose(1, 2))
+    return scores.squeeze(1).masked_fill(available == 0, float("-inf"))
+
+
 if triton is not None:
 
     @triton.jit

@@ -73,10 +73,18 @@ def test_surprise_matches_transformers(make_llm, model_dir):
     assert ours.max() > 5  # real values, not zeros
 
 
-def test_assembled_attention_equals_the_torch_reference(episodic, make_llm):
+def test_assembled_attention_equals_the_torch_reference(episodic, make_llm, monkeypatch):
     """The platform op over assembled block tables computes what the torch reference
-    computes (same retrieval, same positions), in both position frames."""
+    computes (same retrieval, same positions), in both position frames. Decode steps
+    retrieve for all layers ahead of them (one gather fills every layer's slots)."""
     from vllm import SamplingParams
+
+    from vllm_episodic.core.memory import RequestMemory
+
+    ahead = []
+    select_layers = RequestMemory.select_layers
+    monkeypatch.setattr(RequestMemory, "select_layers",
+                        lambda self, plan: ahead.append(plan.num_computed) or select_layers(self, plan))
 
     params = SamplingParams(temperature=0.0, max_tokens=8, logprobs=0, ignore_eos=True)
     prompts = [_prompt(2400, seed=21), _prompt(1800, seed=22)]
@@ -95,6 +103,7 @@ def test_assembled_attention_equals_the_torch_reference(episodic, make_llm):
             assert ta == tb and abs(la.logprob - lb.logprob) < 2e-3
     stats = runtime_of(episodic).stats
     assert stats.get("events_created") > 0 and stats.get("device_cache_misses") > 0
+    assert len(ahead) >= 2 * 2 * 6  # both engines, both prompts, (nearly) every decode step
 
 
 def test_device_kv_per_request_stays_flat(episodic):

@@ -58,6 +58,33 @@ def test_score_matches_reference(kernels, seed):
     torch.testing.assert_close(got[finite], want[finite], rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype] * head_size)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_layer_batched_scoring_matches_per_layer_scoring(kernels, seed):
+    """One request's events scored for every layer at once (the decode step's retrieval
+    ahead of the layers) give each layer's own scores, on both paths."""
+    from vllm_episodic.kernels import score_layer_events
+
+    gen = torch.Generator().manual_seed(50 + seed)
+    dtype = DTYPES[seed]
+    layers, events, num_heads, head_size = 5, 37, 6, 64
+    query = torch.randn(layers, num_heads, head_size, generator=gen).to(dtype)
+    # a slice of a larger store, as the memory passes it (not contiguous over layers)
+    reps = torch.randn(layers, events + 11, num_heads, head_size, generator=gen)[:, :events]
+    available = torch.randint(0, 3, (events,), generator=gen)
+    owner = torch.zeros(events, dtype=torch.int32)
+    want = torch.stack([kernels["score"].score_events_reference(query[i : i + 1], reps[i], owner, available)
+                        for i in range(layers)])
+    got = score_layer_events(query, reps, available)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    flat_owner = torch.arange(layers).repeat_interleave(events)
+    compiled = kernels["score"].score_events_triton(
+        *_on_device(query, reps.reshape(layers * events, num_heads, head_size), flat_owner, available.repeat(layers))
+    ).cpu().view(layers, events)
+    finite = torch.isfinite(want)
+    assert torch.equal(finite, torch.isfinite(compiled))
+    torch.testing.assert_close(compiled[finite], want[finite], rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype] * head_size)
+
+
 def test_budget_selection_matches_per_row_greedy():
     from vllm_episodic.kernels import select_within_budget
 

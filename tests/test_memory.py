@@ -242,3 +242,66 @@ def test_host_memory_cap_evicts_least_recently_retrieved_pages():
     assert store.keys[0] is not None  # the sinks' page stays
     dead = ~store.alive[: store.num_events]
     assert dead.any() and store.alive[: store.num_events].any()
+
+
+def test_store_gathers_tokens_of_several_layers_at_once():
+    """The host store's gather with a layer per token equals per-layer gathers, across pages."""
+    from vllm_episodic.core.store import HostStore
+
+    g = torch.Generator().manual_seed(3)
+    store = HostStore(3, HEADS, KV_HEADS, DIM, torch.bfloat16, page_tokens=64)
+    keys = torch.randn(3, KV_HEADS, 200, DIM, generator=g).bfloat16()
+    values = torch.randn(3, KV_HEADS, 200, DIM, generator=g).bfloat16()
+    for layer in range(3):
+        store.write(layer, 0, keys[layer], values[layer])
+    positions = torch.randint(0, 200, (90,), generator=g)
+    layers = torch.randint(0, 3, (90,), generator=g)
+    got_k, got_v = store.gather(layers, positions)
+    for i in range(90):
+        one_k, one_v = store.gather(int(layers[i]), positions[i : i + 1])
+        assert torch.equal(got_k[:, i], one_k[:, 0]) and torch.equal(got_v[:, i], one_v[:, 0])
+        assert torch.equal(got_k[:, i], keys[layers[i], :, positions[i]])
+
+
+def test_decode_retrieval_ahead_of_the_layers_equals_each_layers_own_retrieval():
+    """A decode step that retrieves selects for every layer before the layers run, from
+    each layer's query of the previous token: the same selections as each layer retrieving
+    with that query, and the layers then attend them without retrieving again."""
+    seq = Sequence(700)
+    config = settings(retrieval_budget_tokens=64, positions="bounded")
+    _, ahead = run(seq, config, [600, 1])
+    _, alone = run(seq, config, [600, 1])
+    (plan,) = ahead.plan_step([BatchRow("r", 601, 1, capacity=700)])
+    request = ahead.requests["r"]
+    assert plan.mode == "reference" and not request.can_select_ahead(plan)
+    for layer in range(LAYERS):
+        request.note_query(layer, seq.q[layer][600], 600)
+    assert request.can_select_ahead(plan)
+    selections = request.select_layers(plan)
+    assert plan.selected_ahead and not plan.refresh
+    (own,) = alone.plan_step([BatchRow("r", 601, 1, capacity=700)])
+    # the previous token's query, seen from memory as select() sees the step's own query
+    own.score_angles = seq.rope.angles(torch.tensor([config.window_tokens - 600]))
+    for layer in range(LAYERS):
+        want = alone.requests["r"].select(layer, own, seq.q[layer][600:601])
+        assert selections[layer] == want and sum(want.values()) == 64
+        assert request.select(layer, plan, seq.q[layer][601:602]) is selections[layer]
+    assert ahead.stats.get("events_retrieved") == alone.stats.get("events_retrieved")
+    # without the previous token's queries (here: a stale position) each layer retrieves itself
+    (later,) = ahead.plan_step([BatchRow("r", 602, 1, capacity=700)])
+    assert not request.can_select_ahead(later)
+
+
+def test_memory_keys_of_several_layers_in_one_gather():
+    seq = Sequence(700)
+    _, memory = run(seq, settings(retrieval_budget_tokens=64, positions="bounded"), [600])
+    request = memory.requests["r"]
+    ranges = [((1, 0), 0, 5), ((3, 2), 1, 4), ((2, 0), 0, 3)]
+    layers = torch.tensor([1, 0, 1])
+    keys, values = request.memory_keys(layers, ranges, "bounded", 500, seq.rope)
+    done = 0
+    for layer, one in zip(layers.tolist(), ranges):
+        k, v = request.memory_keys(layer, [one], "bounded", 500, seq.rope)
+        torch.testing.assert_close(keys[done : done + one[2]], k)
+        torch.testing.assert_close(values[done : done + one[2]], v)
+        done += one[2]

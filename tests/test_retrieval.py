@@ -2,7 +2,7 @@
 
 import torch
 
-from vllm_episodic.core.retrieval import ContiguityBuffer, retrieve
+from vllm_episodic.core.retrieval import ContiguityBuffer, retrieve, retrieve_layers
 from vllm_episodic.kernels import select_within_budget
 
 
@@ -62,3 +62,24 @@ def test_budget_selection_is_a_score_ordered_prefix():
     for budget, want in ((25, [1, 3]), (1000, [1, 3, 2, 0])):
         order, taken = select_within_budget(scores, sizes, bounds, budget)
         assert order[0][taken[0]].tolist() == want
+
+
+def test_layers_retrieved_together_match_layers_retrieved_one_by_one():
+    """retrieve_layers (one scoring and selection call for all layers) chooses for each
+    layer what retrieve chooses, and moves each layer's contiguity queue the same way."""
+    torch.manual_seed(7)
+    layers, num = 4, 120
+    reps = torch.randn(layers, num, 4, 32)
+    sizes = torch.randint(8, 65, (num,))
+    sizes[::9] = 0  # unavailable events
+    alone = [ContiguityBuffer(150) for _ in range(layers)]
+    together = [ContiguityBuffer(150) for _ in range(layers)]
+    for step in range(3):  # the queues persist across steps
+        queries = torch.randn(layers, 4, 32)
+        picked, scores = retrieve_layers(queries, reps, sizes, 500, together)
+        for layer in range(layers):
+            want, want_scores = retrieve(queries[layer], reps[layer], sizes, 500, alone[layer])
+            assert picked[layer] == want, (step, layer)
+            torch.testing.assert_close(scores[layer], want_scores)
+            assert list(together[layer].events) == list(alone[layer].events)
+            assert sum(int(sizes[e]) for e in picked[layer]) <= 500

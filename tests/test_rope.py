@@ -47,3 +47,26 @@ def test_constant_offset_and_dtype(rope):
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y, rope.rotate(x, torch.full((4,), 7)))
     assert rope.magnitude_error() < 1e-6
+
+
+@pytest.mark.parametrize("neox", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vllms_fused_rotation_rotates_keys_as_rope_does(neox, dtype):
+    """The engine's fused rotation (vLLM's CPU rotary op, ``Rope.native``) agrees with
+    :meth:`Rope.rotate`; positions outside its table are left to the caller."""
+    pytest.importorskip("vllm._custom_ops")
+    from vllm_episodic.integration.rope_patch import _fused_rotation
+
+    head_size, rotary_dim = 64, 32  # partial rotary: the tail is not rotated
+    table = rope_table(2048, rotary_dim, 10000.0)
+    rope = Rope(table, head_size, neox)
+    rope.native = _fused_rotation(table, head_size, neox)
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(50, 3, head_size, generator=g).to(dtype)
+    positions = torch.randint(0, 2048, (50,), generator=g)
+    want = rope.rotate(keys, positions)
+    got = rope.rotate_keys(keys.clone(), positions)
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got.float(), want.float(), atol=tolerance, rtol=tolerance)
+    assert rope.rotate_keys(keys.clone(), positions - 100) is None  # negative positions
+    assert rope.rotate_keys(keys.clone(), positions + 2048) is None  # past the table

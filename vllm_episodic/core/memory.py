@@ -54,7 +54,7 @@ from vllm_episodic.core.attention import attention_with_lse, merge_partials
 from vllm_episodic.core.event_cache import EventSlots
 from vllm_episodic.core.refinement import key_similarity, refine_boundaries
 from vllm_episodic.core.representatives import representatives
-from vllm_episodic.core.retrieval import ContiguityBuffer, retrieve
+from vllm_episodic.core.retrieval import ContiguityBuffer, retrieve, retrieve_layers
 from vllm_episodic.core.rope import Rope
 from vllm_episodic.core.segmentation import Segmenter
 from vllm_episodic.core.store import HostStore
@@ -171,6 +171,8 @@ class RowPlan:
     """when all of memory fits the budget: every event (and its available tokens)"""
     refresh: bool = True
     """retrieve in this step (else layers keep their last selection when still valid)"""
+    selected_ahead: bool = False
+    """every layer's selection was made (and its slots filled) before the layers ran"""
 
     @property
     def end(self) -> int:
@@ -215,6 +217,12 @@ class RequestMemory:
     """per layer: ((budget, frame, anchor), selection) of the last retrieval"""
     placements: list[tuple | None] = field(init=False)
     """per layer: (selection, frame, placed) of the last :meth:`placed`"""
+    engine_state: dict = field(default_factory=dict)
+    """what the engine adapter keeps per request (freed with it)"""
+    last_queries: torch.Tensor | None = None
+    """``[num_layers, num_heads, head_size]`` each layer's latest query (:meth:`note_query`)"""
+    last_query_noted: list[int] = field(init=False)
+    """per layer: the position of its query in ``last_queries`` (-1: none)"""
     decode_steps: int = 0
 
     def __post_init__(self):
@@ -232,6 +240,7 @@ class RequestMemory:
         self.sink_state = [("natural", None)] * self.shape.num_layers
         self.retained = [None] * self.shape.num_layers
         self.placements = [None] * self.shape.num_layers
+        self.last_query_noted = [-1] * self.shape.num_layers
 
     @property
     def open_start(self) -> int:
@@ -335,38 +344,84 @@ class RequestMemory:
         store, budget = self.store, plan.memory_tokens
         if budget <= 0:
             return {}
-        available = plan.available
-        count = available.numel()
         if plan.everything is not None:
             store.touch(list(plan.everything), plan.end)
             return dict(plan.everything)
-        key = (budget, plan.frame, plan.anchor)
         kept = self.retained[layer]
-        if not plan.refresh and kept is not None and kept[0] == key:
+        if not plan.refresh and kept is not None and kept[0] == (budget, plan.frame, plan.anchor):
             return kept[1]
+        available = plan.available
         # the query as seen from memory at distance `window` (un-rotated keys at 0)
         q_score = self.rope.apply(query, *plan.score_angles).mean(0)
-        picked, scores = retrieve(q_score, store.reps[layer, :count], available, budget, self.contiguity[layer])
-        chosen = {e: int(available[e]) for e in picked}
-        used = sum(chosen.values())
-        # fill the budget exactly with the least relevant events, the last one cut: a cut
-        # never falls into an event that matters
-        if used < budget:
+        picked, scores = retrieve(q_score, store.reps[layer, : available.numel()], available, budget,
+                                  self.contiguity[layer])
+        return self._settle([layer], plan, [picked], scores[None])[0]
+
+    def note_query(self, layer: int, query: torch.Tensor, position: int) -> None:
+        """Keep ``query [num_heads, head_size]``, the layer's query at ``position``: the
+        next decode step retrieves for every layer at once from these (:meth:`select_layers`)."""
+        if self.last_queries is None:
+            self.last_queries = query.new_empty((self.shape.num_layers, *query.shape))
+        self.last_queries[layer].copy_(query)
+        self.last_query_noted[layer] = position
+
+    def can_select_ahead(self, plan: RowPlan) -> bool:
+        """Whether this step's retrieval can run for all layers before they do: a decode
+        step that retrieves, with every layer's query of the step before it at hand."""
+        return (plan.num_scheduled == 1 and plan.refresh and plan.everything is None
+                and plan.memory_tokens > 0 and self.last_queries is not None
+                and all(p == plan.num_computed - 1 for p in self.last_query_noted))
+
+    def select_layers(self, plan: RowPlan) -> list[dict[int, int]]:
+        """Every layer's selection for a decode step, before the layers run, from the
+        queries of the previous token (one scoring and one selection call for all layers).
+
+        A decode step keeps its selection for ``retrieval_interval`` steps anyway; scoring
+        with the previous token's queries ages it by one more step, and lets the whole
+        step's retrieval and slot filling happen in a few batched calls.
+        """
+        available = plan.available
+        count = available.numel()
+        angles = self.rope.angles(torch.tensor([self.settings.window_tokens - plan.num_computed + 1]))
+        queries = self.rope.apply(self.last_queries, *angles)
+        picked, scores = retrieve_layers(queries, self.store.reps[:, :count], available, plan.memory_tokens,
+                                         self.contiguity)
+        plan.refresh, plan.selected_ahead = False, True
+        return self._settle(range(self.shape.num_layers), plan, picked, scores)
+
+    def _settle(self, layers, plan: RowPlan, picked: list[list[int]], scores: torch.Tensor) -> list[dict[int, int]]:
+        """Fill each layer's budget exactly: after the retrieved events, the least relevant
+        ones, the last one cut (a cut never falls into an event that matters). Records
+        the selections for the steps that do not retrieve.
+
+        Args:
+            picked: per layer, the retrieved events (best first).
+            scores: ``[layers, events]`` the events' scores.
+        """
+        available, budget = plan.available, plan.memory_tokens
+        sizes = available.tolist()
+        chosen = [{e: sizes[e] for e in events} for events in picked]
+        missing = [budget - sum(c.values()) for c in chosen]
+        if max(missing) > 0:
             # only as many of the least relevant as can be needed (a partial sort)
-            present = available > 0
-            smallest = int(available[present].min()) if bool(present.any()) else 1
-            k = min(count, (budget - used) // smallest + 1 + len(chosen))
-            least = torch.topk(scores.masked_fill(~present, float("inf")), k, largest=False).indices
-            for e in least.tolist():
-                if used >= budget:
-                    break
-                if e in chosen or available[e] == 0:
-                    continue
-                chosen[e] = min(int(available[e]), budget - used)
-                used += chosen[e]
-        self.stats.inc("events_retrieved", len(chosen))
-        store.touch(list(chosen), plan.end)
-        self.retained[layer] = (key, chosen)
+            present = [n for n in sizes if n > 0]
+            smallest = min(present) if present else 1
+            k = min(len(sizes), max(missing) // smallest + 1 + max(map(len, chosen)))
+            masked = scores.masked_fill(available == 0, float("inf"))
+            least = torch.topk(masked, k, dim=1, largest=False).indices.tolist()
+            for selection, short, order in zip(chosen, missing, least):
+                for e in order:
+                    if short <= 0:
+                        break
+                    if e in selection or sizes[e] == 0:
+                        continue
+                    selection[e] = min(sizes[e], short)
+                    short -= selection[e]
+        key = (budget, plan.frame, plan.anchor)
+        for layer, selection in zip(layers, chosen):
+            self.retained[layer] = (key, selection)
+        self.stats.inc("events_retrieved", sum(map(len, chosen)))
+        self.store.touch(list(set().union(*chosen)), plan.end)
         return chosen
 
     def placed(self, layer: int, selection: dict[int, int], frame: str) -> dict[tuple[int, int], int]:
@@ -394,11 +449,13 @@ class RequestMemory:
         self.placements[layer] = (selection, frame, placed)
         return placed
 
-    def memory_keys(self, layer: int, events: list[tuple[tuple[int, int], int, int]], frame: str, anchor: int,
-                    rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
+    def memory_keys(self, layer: int | torch.Tensor, events: list[tuple[tuple[int, int], int, int]], frame: str,
+                    anchor: int, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V of event token ranges, keys rotated for attention.
 
         Args:
+            layer: the layer, or ``(ranges,)`` the layer of each range (several layers
+                in one gather).
             events: ``((event, lag), first rank, count)`` ranges (keys of :meth:`placed`).
 
         Returns:
@@ -417,7 +474,7 @@ class RequestMemory:
             # every run ends at the anchor: an event ends `lag` tokens before it
             ends = store.ends[ids] + lags
             target = anchor - (ends[owner] - 1 - positions)
-        return _rotated(store, layer, positions, target, rope)
+        return _rotated(store, layer if isinstance(layer, int) else layer[owner], positions, target, rope)
 
     def sink_keys(self, layer: int, frame: str, anchor: int, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V of the sinks rotated for the frame: true positions, or A − budget − max_event − S + i."""
@@ -466,12 +523,15 @@ class RequestMemory:
             self._ring_next[layer] = (self._ring_next[layer] + 1) % OBSERVATION_QUERIES
 
 
-def _rotated(store: HostStore, layer: int, positions: torch.Tensor, target: torch.Tensor,
+def _rotated(store: HostStore, layer: int | torch.Tensor, positions: torch.Tensor, target: torch.Tensor,
              rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stored tokens at ``positions`` with keys rotated to ``target`` positions:
-    ``keys, values [tokens, num_kv_heads, head_size]``."""
+    """Stored tokens at ``positions`` (of ``layer``, or of each token's layer) with keys
+    rotated to ``target`` positions: ``keys, values [tokens, num_kv_heads, head_size]``."""
     keys, values = store.gather(layer, positions)
     keys, values = keys.transpose(0, 1), values.transpose(0, 1)
+    fused = rope.rotate_keys(keys.contiguous(), target)
+    if fused is not None:
+        return fused, values
     out_k, out_v = torch.empty_like(keys), torch.empty_like(values)
     rows = torch.arange(positions.numel())
     gather_rotate(keys, values, rows, out_k, out_v, rows, rope.table, target, rope.is_neox_style)

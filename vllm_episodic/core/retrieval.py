@@ -17,7 +17,7 @@ from collections import deque
 
 import torch
 
-from vllm_episodic.kernels import score_events, select_within_budget
+from vllm_episodic.kernels import score_events, score_layer_events, select_within_budget
 
 
 class ContiguityBuffer:
@@ -27,8 +27,9 @@ class ContiguityBuffer:
         self.capacity = capacity_tokens
         self.events: deque[int] = deque()
 
-    def update(self, top: list[int], sizes: torch.Tensor, num_events: int) -> list[int]:
-        """Push the neighbours of ``top`` (best first); return the buffer's events."""
+    def update(self, top: list[int], sizes, num_events: int) -> list[int]:
+        """Push the neighbours of ``top`` (best first); return the buffer's events.
+        ``sizes[e]``: tokens of event e (a list or a tensor)."""
         if self.capacity <= 0:
             return []
         chosen = set(top)
@@ -79,13 +80,52 @@ def retrieve(
     scores = score_events(query[None], reps, owner, available)
     bounds = torch.tensor([0, count], device=reps.device)
     order, taken = select_within_budget(scores, available, bounds, budget - buffer.capacity)
-    chosen = order[0][taken[0]].tolist()
-    used = int(available[chosen].sum()) if chosen else 0
-    if buffer.capacity > 0:
-        picked = set(chosen)
-        for event in buffer.update(chosen, available, count):
-            size = int(available[event])
-            if event not in picked and size > 0 and used + size <= budget:
-                chosen.append(event)
-                used += size
+    return _with_neighbours(order[0][taken[0]].tolist(), available.tolist(), budget, buffer), scores
+
+
+def retrieve_layers(
+    queries: torch.Tensor,
+    reps: torch.Tensor,
+    available: torch.Tensor,
+    budget: int,
+    buffers: list[ContiguityBuffer],
+) -> tuple[list[list[int]], torch.Tensor]:
+    """:func:`retrieve` for several layers of one request in one scoring and one
+    selection call (the layers share the events and the budget).
+
+    Args:
+        queries: ``[layers, num_heads, head_size]`` one scoring query per layer.
+        reps: ``[layers, events, num_heads, head_size]``.
+        buffers: the layers' contiguity queues (all of the same capacity).
+
+    Returns:
+        per layer the chosen events, and ``[layers, events]`` scores.
+    """
+    layers, count = reps.shape[:2]
+    scores = score_layer_events(queries, reps, available)
+    bounds = torch.arange(layers + 1, device=reps.device) * count
+    positive = available[available > 0]
+    smallest = int(positive.min()) if positive.numel() else 1
+    order, taken = select_within_budget(scores.flatten(), available.repeat(layers), bounds,
+                                        budget - buffers[0].capacity, longest=count, smallest=smallest)
+    # one read-back for all layers; -1 marks what did not fit
+    ranked = order.masked_fill(~taken, -1).tolist()
+    sizes = available.tolist()
+    chosen = [_with_neighbours([e for e in row if e >= 0], sizes, budget, buffer)
+              for row, buffer in zip(ranked, buffers)]
     return chosen, scores
+
+
+def _with_neighbours(chosen: list[int], sizes: list[int], budget: int, buffer: ContiguityBuffer) -> list[int]:
+    """The similarity picks, then the contiguity queue's events while they fit the budget
+    (``sizes``: every event's available tokens)."""
+    if buffer.capacity <= 0:
+        return chosen
+    used = sum(sizes[e] for e in chosen)
+    picked = set(chosen)
+    for event in buffer.update(chosen, sizes, len(sizes)):
+        size = sizes[event]
+        if event not in picked and size > 0 and used + size <= budget:
+            chosen.append(event)
+            used += size
+    return chosen

@@ -16,6 +16,8 @@ vLLM used. Both layouts are supported: NeoX (halves) and GPT-J (interleaved pair
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -37,6 +39,21 @@ class Rope:
         self.is_neox_style = is_neox_style
         if self.rotary_dim > head_size:
             raise ValueError(f"rotary_dim {self.rotary_dim} exceeds head_size {head_size}")
+        self.native: Callable[[torch.Tensor, torch.Tensor], None] | None = None
+        """the engine's fused rotation, ``native(x, positions)``: rotates contiguous
+        ``x [tokens, heads, head_size]`` in place by non-negative ``positions`` within the
+        table, at the precision the engine rotates its own keys (see :meth:`rotate_keys`)"""
+
+    def rotate_keys(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
+        """Un-rotated ``keys [tokens, heads, head_size]`` rotated to ``positions`` by the
+        engine's fused op, in place; None where it cannot (no op, or a position outside
+        the table), and the caller rotates them itself."""
+        if self.native is None or positions.numel() == 0 or not keys.is_contiguous():
+            return None
+        if int(positions.min()) < 0 or int(positions.max()) >= self.max_position:
+            return None
+        self.native(keys, positions)
+        return keys
 
     @property
     def max_position(self) -> int:

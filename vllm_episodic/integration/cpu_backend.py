@@ -111,7 +111,7 @@ class EpisodicCPUImpl(CPUAttentionBackendImpl):
         num_tokens = meta.num_actual_tokens
         q = query[:num_tokens].view(num_tokens, self.num_heads, self.head_size)
         for plan in plans:
-            if plan.mode == "assembled":
+            if plan.mode == "assembled" and not plan.selected_ahead:
                 rows = slice(plan.first_query, plan.first_query + plan.num_scheduled)
                 runtime.fill_cache(layer_index, plan, q[rows], kv_cache, layer.isa)
         super().forward(layer, query, key, value, kv_cache, meta.stock, output,
@@ -128,4 +128,5 @@ class EpisodicCPUImpl(CPUAttentionBackendImpl):
                 ).to(out.dtype)
             if plan.observe:
                 plan.memory.observe(layer_index, q[rows])
+                plan.memory.note_query(layer_index, q[rows][-1], plan.end - 1)
         return output

@@ -108,13 +108,6 @@ def slot_offsets(layout: BlockLayout, slots: torch.Tensor, num_kv_heads: int) ->
     return keys, values
 
 
-def read_slots(kv_cache: torch.Tensor, layout: BlockLayout, slots: torch.Tensor):
-    """Keys and values ``[n, num_kv_heads, head_size]`` stored at token ``slots``."""
-    key_at, value_at = slot_offsets(layout, slots, kv_cache.shape[1])
-    flat = kv_cache.view(-1)
-    return flat[key_at], flat[value_at]
-
-
 def write_slots(kv_cache: torch.Tensor, isa: str, slots: torch.Tensor, keys: torch.Tensor,
                 values: torch.Tensor) -> None:
     """Write ``keys``/``values`` ``[n, num_kv_heads, head_size]`` at token ``slots`` with

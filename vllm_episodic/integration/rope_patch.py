@@ -56,4 +56,23 @@ def model_rope(model: torch.nn.Module, max_model_len: int) -> Rope:
             f"{type(first).__name__} scales cos/sin (YaRN-style attention scaling); the episodic "
             "backend supports plain, linear, NTK and Llama-3 RoPE"
         )
+    if first.cos_sin_cache.device.type == "cpu":
+        rope.native = _fused_rotation(first.cos_sin_cache, first.head_size, first.is_neox_style)
     return rope
+
+
+def _fused_rotation(table: torch.Tensor, head_size: int, is_neox_style: bool):
+    """vLLM's CPU rotary op (the one the model's layers use) as ``Rope.native``: ~40x
+    faster than rotating in torch (a gather of 2K tokens for 30 layers per retrieval), at
+    the precision vLLM rotates the keys of the paged cache (a table in the keys' dtype)."""
+    from vllm import _custom_ops as ops
+
+    tables: dict[torch.dtype, torch.Tensor] = {}
+
+    def rotate(x: torch.Tensor, positions: torch.Tensor) -> None:
+        cos_sin = tables.get(x.dtype)
+        if cos_sin is None:
+            cos_sin = tables[x.dtype] = table.to(x.dtype)
+        ops.rotary_embedding(positions, x.view(x.shape[0], -1), None, head_size, cos_sin, is_neox_style)
+
+    return rotate

@@ -43,14 +43,20 @@ def all_runtimes() -> list[WorkerRuntime]:
     return list(_runtimes.values())
 
 
-def _cache_slots(plan: RowPlan, layout, block_size: int) -> torch.Tensor:
-    """Absolute paged-KV slot of each of the row's event-cache slots (cached on the plan)."""
-    slots = getattr(plan, "_absolute_slots", None)
-    if slots is None:
-        blocks = plan.block_row[layout.sinks // block_size : layout.cache_end // block_size].long()
-        slots = (blocks[:, None] * block_size + torch.arange(block_size)).flatten()
-        plan._absolute_slots = slots
-    return slots
+def _cache_slots(plan: RowPlan, layout, kv_layout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The row's event-cache slots in the paged KV cache: absolute slot ``(slots,)`` and
+    the flat element offsets of their keys and values ``[slots, num_kv_heads, head_size]``
+    (moves read through them). Kept with the request while its cache blocks stay the same."""
+    from vllm_episodic.integration.paged_kv import slot_offsets
+
+    bs = kv_layout.block_size
+    blocks = plan.block_row[layout.sinks // bs : layout.cache_end // bs].long()
+    cached = plan.memory.engine_state.get("cache_slots")
+    if cached is None or not torch.equal(cached[0], blocks):
+        slots = (blocks[:, None] * bs + torch.arange(bs)).flatten()
+        cached = (blocks, slots, *slot_offsets(kv_layout, slots, plan.memory.shape.num_kv_heads))
+        plan.memory.engine_state["cache_slots"] = cached
+    return cached[1:]
 
 
 def _attention_isa(vllm_config) -> str:
@@ -93,8 +99,9 @@ class WorkerRuntime:
         self.memory = EpisodicMemory(self.config, shape, self.rope, self.stats,
                                      reference=envs.get("VLLM_EPISODIC_REFERENCE"))
         self._layer_index = extract_layer_index
+        self.isa = _attention_isa(vllm_config)
         self.layout = probe_layout(
-            _attention_isa(vllm_config), model_config.dtype,
+            self.isa, model_config.dtype,
             vllm_config.cache_config.block_size, shape.head_size,
         )
         # request ids of the batch that _update_states prepared, in row order;
@@ -142,6 +149,9 @@ class WorkerRuntime:
             for req_id, seq_len, q in zip(req_ids, seq_lens, query_lens)
         ]
         self.plans = self.memory.plan_step(rows, common_attn_metadata.block_table_tensor[:num_reqs])
+        for plan in self.plans:
+            if plan.mode != "natural" and plan.memory.can_select_ahead(plan):
+                self.select_ahead(plan)
         self.publish()
         return self.plans
 
@@ -162,33 +172,63 @@ class WorkerRuntime:
     def fill_cache(self, layer: int, plan: RowPlan, query: torch.Tensor, kv_cache: torch.Tensor, isa: str) -> None:
         """Retrieve this layer's events and copy them into the row's cache slots, so that
         the attended blocks hold sinks + exactly the selected tokens."""
-        from vllm_episodic.integration.paged_kv import read_slots, write_slots
+        selection = plan.memory.select(layer, plan, query)
+        self._fill_slots(plan, [(layer, kv_cache, selection)], isa)
+
+    def select_ahead(self, plan: RowPlan) -> None:
+        """A decode step's retrieval for every layer before the layers run (from the
+        previous token's queries), and its slot copies in one gather for all layers."""
+        selections = plan.memory.select_layers(plan)
+        if plan.mode == "assembled":
+            caches = self.runner.kv_caches
+            self._fill_slots(plan, [(layer, caches[layer], s) for layer, s in enumerate(selections)], self.isa)
+
+    def _fill_slots(self, plan: RowPlan, work: list[tuple[int, torch.Tensor, dict[int, int]]], isa: str) -> None:
+        """Make each layer's attended cache slots hold its selection.
+
+        Args:
+            work: ``(layer, its paged KV cache, selection)``; the tokens to bring from the
+                host store are gathered and rotated for all these layers at once.
+        """
+        from vllm_episodic.integration.paged_kv import write_slots
 
         memory = plan.memory
         layout = self.memory.layout
         bs = self.layout.block_size
-        absolute = _cache_slots(plan, layout, bs)
+        absolute, key_at, value_at = _cache_slots(plan, layout, self.layout)
         wanted = ("natural", None) if plan.frame == "exact" else ("bounded", plan.anchor)
-        if memory.sink_state[layer] != wanted:
-            sink_slots = (plan.block_row[: layout.sinks // bs].long()[:, None] * bs + torch.arange(bs)).flatten()
-            write_slots(kv_cache, isa, sink_slots, *memory.sink_keys(layer, plan.frame, plan.anchor, self.rope))
-            memory.sink_state[layer] = wanted
-        selection = memory.placed(layer, memory.select(layer, plan, query), plan.frame)
         began = time.perf_counter()
-        update = memory.slots[layer].update(selection, plan.memory_tokens, plan.cache_slots)
-        if update.moves:
-            source = absolute[torch.tensor([s for src, _ in update.moves for s in src])]
-            target = absolute[torch.tensor([s for _, dst in update.moves for s in dst])]
-            write_slots(kv_cache, isa, target, *read_slots(kv_cache, self.layout, source))
-        if update.loads:
-            keys, values = memory.memory_keys(
-                layer, [(e, first, n) for e, first, n, _ in update.loads], plan.frame, plan.anchor, self.rope
-            )
-            target = absolute[torch.tensor([s for *_, dst in update.loads for s in dst])]
-            write_slots(kv_cache, isa, target, keys, values)
+        loads, range_layers, owners, hits, misses = [], [], [], 0, 0
+        for layer, kv_cache, selection in work:
+            if memory.sink_state[layer] != wanted:
+                sink_slots = (plan.block_row[: layout.sinks // bs].long()[:, None] * bs + torch.arange(bs)).flatten()
+                write_slots(kv_cache, isa, sink_slots, *memory.sink_keys(layer, plan.frame, plan.anchor, self.rope))
+                memory.sink_state[layer] = wanted
+            placed = memory.placed(layer, selection, plan.frame)
+            update = memory.slots[layer].update(placed, plan.memory_tokens, plan.cache_slots)
+            hits, misses = hits + update.hits, misses + update.misses
+            if update.moves:
+                source = torch.tensor([s for src, _ in update.moves for s in src])
+                target = absolute[torch.tensor([s for _, dst in update.moves for s in dst])]
+                flat = kv_cache.view(-1)
+                write_slots(kv_cache, isa, target, flat[key_at[source]], flat[value_at[source]])
+            if update.loads:
+                loads.extend(update.loads)
+                range_layers.extend([layer] * len(update.loads))
+                owners.append((kv_cache, sum(n for _, _, n, _ in update.loads)))
+        if loads:
+            # one gather for all layers; each layer's tokens are one slice of it
+            which = range_layers[0] if len(owners) == 1 else torch.tensor(range_layers)
+            keys, values = memory.memory_keys(which, [(e, first, n) for e, first, n, _ in loads],
+                                              plan.frame, plan.anchor, self.rope)
+            target = absolute[torch.tensor([s for *_, dst in loads for s in dst])]
+            done = 0
+            for kv_cache, n in owners:
+                write_slots(kv_cache, isa, target[done : done + n], keys[done : done + n], values[done : done + n])
+                done += n
             self.stats.observe("prefetch_latency_seconds", time.perf_counter() - began)
-        self.stats.inc("device_cache_hits", update.hits)
-        self.stats.inc("device_cache_misses", update.misses)
+        self.stats.inc("device_cache_hits", hits)
+        self.stats.inc("device_cache_misses", misses)
 
     def needs_surprise(self, plan: RowPlan) -> bool:
         """Surprise matters only for requests that can outgrow sinks + window."""
