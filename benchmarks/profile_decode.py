@@ -5,7 +5,8 @@ in-process engine. The episodic step is split by timing the memory's own entry p
 (this script wraps them; nothing in the package is timed on its own):
 
 - plan: per-step bookkeeping (rows, frames, block-table assembly);
-- scoring: retrieval per layer (score events, select within the budget, contiguity);
+- scoring: retrieval (score events, select within the budget, contiguity), in each layer
+  for prefill chunks and for all layers ahead of them for decode steps;
 - gather: moving selected tokens into the event-cache slots (keys re-rotated);
 - attention: vLLM's CPU attention op over sinks + events + window;
 - surprise: −log p of the step's tokens (logits carried from the sampler);
@@ -55,8 +56,12 @@ def instrument() -> None:
     from vllm_episodic.integration import cpu_backend, runtime
 
     timing(memory.EpisodicMemory, "plan_step", "plan")
-    timing(memory.RequestMemory, "select", "scoring")
-    timing(runtime.WorkerRuntime, "fill_cache", "scoring+gather")
+    # prefill chunks retrieve inside each layer (fill_cache = select + slot fill); decode
+    # steps retrieve for all layers before them (select_ahead = select_layers + slot fill)
+    timing(memory.RequestMemory, "select", "select")
+    timing(runtime.WorkerRuntime, "fill_cache", "fill_cache")
+    timing(memory.RequestMemory, "select_layers", "select_layers")
+    timing(runtime.WorkerRuntime, "select_ahead", "select_ahead")
     timing(cpu_backend.EpisodicCPUImpl, "forward", "attention layer")
     timing(runtime, "token_surprise", "surprise")
     timing(runtime.WorkerRuntime, "after_logits", "surprise")
@@ -132,12 +137,13 @@ def main() -> int:
     episodic = report.get("episodic")
     lines = ["| part of a decode step | ms | share |", "|---|---|---|"]
     if episodic:
-        p = episodic["parts_ms"]
-        gather = p.get("scoring+gather", 0) - p.get("scoring", 0)
-        attention = p.get("attention layer", 0) - p.get("scoring+gather", 0)
-        rows = [("plan (bookkeeping)", p.get("plan", 0)), ("scoring + selection", p.get("scoring", 0)),
+        p = defaultdict(float, episodic["parts_ms"])
+        scoring = p["select"] + p["select_layers"]
+        gather = p["fill_cache"] - p["select"] + p["select_ahead"] - p["select_layers"]
+        attention = p["attention layer"] - p["fill_cache"]
+        rows = [("plan (bookkeeping)", p["plan"]), ("scoring + selection", scoring),
                 ("gather into cache slots", gather), ("attention (vLLM CPU op)", attention),
-                ("surprise", p.get("surprise", 0)), ("events + host store", p.get("events", 0))]
+                ("surprise", p["surprise"]), ("events + host store", p["events"])]
         rows.append(("rest of the model and engine", episodic["step_ms"] - sum(v for _, v in rows)))
         for name, ms in rows:
             lines.append(f"| {name} | {ms:.2f} | {ms / episodic['step_ms']:.0%} |")

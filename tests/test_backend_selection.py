@@ -29,7 +29,9 @@ def test_episodic_is_selected(make_llm):
     backends = {type(g.backend).__name__ if not isinstance(g.backend, type) else g.backend.__name__
                 for g in runner.attn_groups[0]}
     assert backends == {"EpisodicCPUBackend"}
-    assert runtime_of(llm) is not None
+    runtime = runtime_of(llm)
+    # on CPU the event cache holds the retrieved events only (no reserve of copies)
+    assert runtime.config.device_event_cache_tokens == runtime.config.retrieval_budget_tokens
 
 
 def test_unknown_backend_fails_as_in_stock_vllm(model_dir):

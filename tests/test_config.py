@@ -85,3 +85,11 @@ def test_default_event_cache_is_twice_the_budget_within_the_trained_range():
     # SmolLM2 (8K): 8192 - 128 sinks - 4096 window - 128 event - 128 block = 3712
     assert EpisodicConfig().resolved(8192, 65536, 128).device_event_cache_tokens == 3712
     assert EpisodicConfig(device_event_cache_tokens=5000).resolved(8192, 65536, 128).device_event_cache_tokens == 5000
+
+
+def test_default_event_cache_on_the_cpu_platform_is_the_budget():
+    """Where the device is host memory the cache holds the retrieved events only (no
+    reserve); an explicit size is kept."""
+    assert EpisodicConfig().resolved(32768, 65536, 128, device_is_host=True).device_event_cache_tokens == 2048
+    config = EpisodicConfig(device_event_cache_tokens=5000)
+    assert config.resolved(8192, 65536, 128, device_is_host=True).device_event_cache_tokens == 5000

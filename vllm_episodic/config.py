@@ -80,7 +80,9 @@ class EpisodicConfig(BaseModel):
 
     device_event_cache_tokens: int | None = Field(None, ge=0, le=1 << 24)
     """Event tokens kept on the device per request: the retrieved ones plus an LRU reserve.
-    Default: twice the budget, capped so that the cache fills before the trained length."""
+    Default: twice the budget, capped so that the cache fills before the trained length;
+    on the CPU platform just the budget (the device is host memory: a reserve only adds
+    copies)."""
 
     host_memory_gib: float = Field(16.0, gt=0.0, le=1 << 20)
     """Cap on host memory for the event store of the whole server, in GiB."""
@@ -122,13 +124,21 @@ class EpisodicConfig(BaseModel):
         memory = self.retrieval_budget_tokens + self.max_event_tokens
         return sinks + memory + self.max_event_tokens + self.window_tokens + block_size + BOUNDED_DRIFT
 
-    def resolved(self, trained_len: int, max_model_len: int, block_size: int) -> EpisodicConfig:
+    def resolved(self, trained_len: int, max_model_len: int, block_size: int,
+                 device_is_host: bool = False) -> EpisodicConfig:
         """Settings for one model: the default event cache size filled in, checked so
-        that the model stays in its trained range."""
+        that the model stays in its trained range.
+
+        ``device_is_host``: the "device" cache is host memory (the CPU platform). Keeping
+        dropped events in a reserve then saves no transfer, only adds a copy per dropped
+        event (SmolLM2, 30K context: 30.4 → 26.1 ms per decode step without it).
+        """
         sinks = -(-self.sink_tokens // block_size) * block_size
         room = trained_len - sinks - self.window_tokens - self.max_event_tokens - block_size
         cache = self.device_event_cache_tokens
-        if cache is None:
+        if cache is None and device_is_host:
+            cache = self.retrieval_budget_tokens
+        elif cache is None:
             cache = max(self.retrieval_budget_tokens, min(2 * self.retrieval_budget_tokens, room))
         config = self.model_copy(update={"device_event_cache_tokens": cache})
         if self.positions != "exact" and max_model_len > trained_len:

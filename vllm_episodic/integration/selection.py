@@ -193,7 +193,8 @@ def _check_and_update_config(original, klass, vllm_config) -> None:
             )
         block_size = vllm_config.cache_config.block_size
         trained = trained_len(model_config)
-        config = config.resolved(trained, model_config.max_model_len, block_size)
+        config = config.resolved(trained, model_config.max_model_len, block_size,
+                                 device_is_host=_platform_key() == "cpu")
         if config.positions != "exact" and model_config.max_model_len > trained:
             _bound_prefill_chunk(vllm_config, trained - config.bounded_span(block_size))
     reasons = unsupported_feature_reasons(vllm_config)
