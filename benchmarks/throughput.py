@@ -113,14 +113,15 @@ def main() -> int:
                         help="longest input stock vLLM is benchmarked at")
     parser.add_argument("--episodic", default='{"preset": "fast"}', help="episodic settings (JSON)")
     parser.add_argument("--kv-space-gib", type=int, default=8)
-    parser.add_argument("--tag", default="", help="suffix of the output files")
+    parser.add_argument("--tag", default="", help="suffix of the output files and of the raw files' folder")
     parser.add_argument("--reuse", nargs="*", default=[], choices=["stock", "episodic"],
                         help="take these backends' rows from the result files of an earlier run "
-                             "(benchmarks/results/bench-serve/<model>) instead of serving them again")
+                             "with the same tag (benchmarks/results/bench-serve/<model><tag>) instead of serving them again")
     args = parser.parse_args()
 
     model_dir = common.resolve_model(args.model)
-    out_dir = common.RESULTS / "bench-serve" / Path(model_dir).name
+    # per model and tag: runs of different lengths sets must not overwrite each other's files
+    out_dir = common.RESULTS / "bench-serve" / f"{Path(model_dir).name}{args.tag}"
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {"model": args.model, "machine": common.machine(), "episodic_config": json.loads(args.episodic),
               "output_len": args.output_len, "num_prompts": args.num_prompts}

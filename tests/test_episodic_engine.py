@@ -106,6 +106,36 @@ def test_assembled_attention_equals_the_torch_reference(episodic, make_llm, monk
     assert len(ahead) >= 2 * 2 * 6  # both engines, both prompts, (nearly) every decode step
 
 
+def test_host_store_holds_the_models_keys_and_values(episodic, model_dir):
+    """What the store keeps for an event is what the model computed: layer 0's keys (read
+    from vLLM's paged cache, un-rotated) and values equal HF's k_proj / v_proj outputs."""
+    from transformers import AutoModelForCausalLM
+    from vllm import SamplingParams
+
+    flush_finished(episodic)
+    engine, runtime = episodic.llm_engine, runtime_of(episodic)
+    engine.add_request("store", _prompt(1200, seed=5), SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
+    while True:
+        engine.step()
+        memory = next((m for rid, m in runtime.memory.requests.items() if rid.startswith("store")), None)
+        if memory is not None and memory.store is not None and memory.store.end_token > 600:
+            break
+    ids = runtime.runner.requests[memory.req_id].prompt_token_ids
+    stored = memory.store.end_token
+    keys, values = (x.transpose(0, 1) for x in memory.store.gather(0, torch.arange(stored)))
+    engine.abort_request(["store"])
+    flush_finished(episodic)
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    attn = model.model.layers[0].self_attn
+    with torch.no_grad():
+        hidden = model.model.layers[0].input_layernorm(model.model.embed_tokens(torch.tensor([ids[:stored]])))[0]
+        want_k = attn.k_proj(hidden).view(stored, *keys.shape[1:])
+        want_v = attn.v_proj(hidden).view(stored, *values.shape[1:])
+    torch.testing.assert_close(values, want_v, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(keys, want_k, atol=1e-3, rtol=1e-3)  # rotated by vLLM, un-rotated by us
+
+
 def test_device_kv_per_request_stays_flat(episodic):
     """KV blocks held per request do not grow with the context: sinks + event cache +
     window (+ one prefill chunk) whatever the prompt length."""

@@ -59,37 +59,6 @@ def probe_layout(isa: str, dtype: torch.dtype, block_size: int, head_size: int) 
     return BlockLayout(index[0], index[1], block_size, head_size)
 
 
-def read_tokens(
-    kv_cache: torch.Tensor, layout: BlockLayout, block_row: torch.Tensor, start: int, end: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values of tokens ``[start, end)`` of one request.
-
-    Args:
-        kv_cache: one layer's cache, as vLLM allocated it.
-        layout: the op's in-block layout (:func:`probe_layout`).
-        block_row: ``(max_blocks,)`` the request's block table row.
-
-    Returns:
-        ``keys, values [end - start, num_kv_heads, head_size]`` (copies).
-    """
-    num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
-    head_size = layout.head_size
-    if end <= start:
-        empty = kv_cache.new_empty((0, num_kv_heads, head_size))
-        return empty, empty
-    first, last = start // block_size, (end - 1) // block_size + 1
-    blocks = block_row[first:last].to(torch.long)
-    halves = kv_cache.view(num_blocks, num_kv_heads, 2, block_size * head_size).index_select(0, blocks)
-    offset = start - first * block_size
-    out = []
-    for half, index in ((0, layout.key_index), (1, layout.value_index)):
-        data = halves[:, :, half].index_select(-1, index)  # [blocks, kvH, bs * D] in (t, d) order
-        data = data.view(-1, num_kv_heads, block_size, head_size).transpose(1, 2)
-        data = data.reshape(-1, num_kv_heads, head_size)[offset : offset + end - start]
-        out.append(data)
-    return out[0], out[1]
-
-
 def slot_offsets(layout: BlockLayout, slots: torch.Tensor, num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat element offsets of the keys and values of token ``slots`` (absolute slot =
     block * block_size + offset) in a layer's cache viewed as 1-D.

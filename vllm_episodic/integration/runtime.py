@@ -108,6 +108,9 @@ class WorkerRuntime:
         # consumed by the first metadata build of the step (dummy runs find None)
         self._pending_req_ids: list[str] | None = None
         self.plans: list[RowPlan] | None = None
+        # (plan, (start, end), key offsets, value offsets) of the last read_tokens range,
+        # dropped at the end of each step
+        self._read_offsets: tuple | None = None
         self._computing_surprise = False
         _runtimes[id(vllm_config)] = self
         from vllm_episodic.integration.runner_hooks import install_model_hooks
@@ -164,10 +167,21 @@ class WorkerRuntime:
         return max(seq_len, min(self.max_model_len, state.num_prompt_tokens + max_tokens))
 
     def read_tokens(self, plan: RowPlan, layer: int, start: int, end: int):
-        """K/V of tokens [start, end) of a row from layer's paged KV cache."""
-        from vllm_episodic.integration.paged_kv import read_tokens
+        """K/V ``[end - start, num_kv_heads, head_size]`` of tokens [start, end) of a row
+        from layer's paged KV cache. Callers read one range for every layer in turn, so
+        the range's element offsets (the same in every layer's cache) are kept between
+        calls: each layer costs two gathers."""
+        from vllm_episodic.integration.paged_kv import slot_offsets
 
-        return read_tokens(self.runner.kv_caches[layer], self.layout, plan.block_row, start, end)
+        cached = self._read_offsets
+        if cached is None or cached[0] is not plan or cached[1] != (start, end):
+            bs = self.layout.block_size
+            tokens = torch.arange(start, max(start, end))
+            slots = plan.block_row.long()[tokens // bs] * bs + tokens % bs
+            cached = (plan, (start, end), *slot_offsets(self.layout, slots, self.memory.shape.num_kv_heads))
+            self._read_offsets = cached
+        flat = self.runner.kv_caches[layer].view(-1)
+        return flat[cached[2]], flat[cached[3]]
 
     def fill_cache(self, layer: int, plan: RowPlan, query: torch.Tensor, kv_cache: torch.Tensor, isa: str) -> None:
         """Retrieve this layer's events and copy them into the row's cache slots, so that
@@ -265,6 +279,7 @@ class WorkerRuntime:
                 plan.memory.record_surprise(plan.num_computed + 1, values[offset : offset + n])
                 offset += n
         self.memory.end_step(plans, self.read_tokens)
+        self._read_offsets = None  # it holds a plan of this step
         self.publish()
 
     def after_logits(self, logits: torch.Tensor) -> None:
