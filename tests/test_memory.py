@@ -194,8 +194,8 @@ def test_retrieval_interval_keeps_a_layers_selection_between_retrievals():
     _, memory = run(seq, config, [600])
     request = memory.requests["r"]
     slots = EventSlots(64)
-    fresh = []
-    for step, done in enumerate(range(600, 607)):
+    fresh, previous = [], None
+    for done in range(600, 607):
         (plan,) = memory.plan_step([BatchRow("r", done, 1, capacity=700)])
         retrieved = memory.stats.get("events_retrieved")
         chosen = request.select(0, plan, seq.q[0][done : done + 1])
