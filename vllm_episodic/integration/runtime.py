@@ -43,6 +43,12 @@ def all_runtimes() -> list[WorkerRuntime]:
     return list(_runtimes.values())
 
 
+def _token_slots(block_row: torch.Tensor, start: int, end: int, block_size: int) -> torch.Tensor:
+    """Absolute paged-KV slot ``(end - start,)`` of a row's tokens [start, end)."""
+    tokens = torch.arange(start, max(start, end))
+    return block_row.long()[tokens // block_size] * block_size + tokens % block_size
+
+
 def _cache_slots(plan: RowPlan, layout, kv_layout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The row's event-cache slots in the paged KV cache: absolute slot ``(slots,)`` and
     the flat element offsets of their keys and values ``[slots, num_kv_heads, head_size]``
@@ -53,7 +59,7 @@ def _cache_slots(plan: RowPlan, layout, kv_layout) -> tuple[torch.Tensor, torch.
     blocks = plan.block_row[layout.sinks // bs : layout.cache_end // bs].long()
     cached = plan.memory.engine_state.get("cache_slots")
     if cached is None or not torch.equal(cached[0], blocks):
-        slots = (blocks[:, None] * bs + torch.arange(bs)).flatten()
+        slots = _token_slots(plan.block_row, layout.sinks, layout.cache_end, bs)
         cached = (blocks, slots, *slot_offsets(kv_layout, slots, plan.memory.shape.num_kv_heads))
         plan.memory.engine_state["cache_slots"] = cached
     return cached[1:]
@@ -153,7 +159,7 @@ class WorkerRuntime:
         ]
         self.plans = self.memory.plan_step(rows, common_attn_metadata.block_table_tensor[:num_reqs])
         for plan in self.plans:
-            if plan.mode != "natural" and plan.memory.can_select_ahead(plan):
+            if plan.memory.can_select_ahead(plan):
                 self.select_ahead(plan)
         self.publish()
         return self.plans
@@ -175,9 +181,7 @@ class WorkerRuntime:
 
         cached = self._read_offsets
         if cached is None or cached[0] is not plan or cached[1] != (start, end):
-            bs = self.layout.block_size
-            tokens = torch.arange(start, max(start, end))
-            slots = plan.block_row.long()[tokens // bs] * bs + tokens % bs
+            slots = _token_slots(plan.block_row, start, end, self.layout.block_size)
             cached = (plan, (start, end), *slot_offsets(self.layout, slots, self.memory.shape.num_kv_heads))
             self._read_offsets = cached
         flat = self.runner.kv_caches[layer].view(-1)
@@ -215,7 +219,7 @@ class WorkerRuntime:
         loads, range_layers, owners, hits, misses = [], [], [], 0, 0
         for layer, kv_cache, selection in work:
             if memory.sink_state[layer] != wanted:
-                sink_slots = (plan.block_row[: layout.sinks // bs].long()[:, None] * bs + torch.arange(bs)).flatten()
+                sink_slots = _token_slots(plan.block_row, 0, layout.sinks, bs)
                 write_slots(kv_cache, isa, sink_slots, *memory.sink_keys(layer, plan.frame, plan.anchor, self.rope))
                 memory.sink_state[layer] = wanted
             placed = memory.placed(layer, selection, plan.frame)
