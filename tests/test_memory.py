@@ -109,7 +109,7 @@ def test_events_partition_the_tokens_that_left_the_window():
     # stored keys are un-rotated: rotating them back gives the cache's keys
     pos = torch.arange(0, int(ends[-1]))
     for layer in range(LAYERS):
-        stored = store.gather(layer, pos)[0].transpose(0, 1)
+        stored = store.gather(layer, pos)[0]
         torch.testing.assert_close(seq.rope.rotate(stored, pos), seq.k[layer][: int(ends[-1])], atol=1e-5, rtol=1e-5)
 
 
@@ -155,12 +155,15 @@ def test_consecutive_events_form_runs_in_the_bounded_frame():
     assert set(request.placed(0, selection, "exact")) == {(e, 0) for e in selection}
     # the rotation the keys get: a run's tokens sit at consecutive positions ending at the anchor
     anchor = 1000
-    ranges = [(key, 0, n) for key, n in sorted(placed.items())]
-    got_k, _ = request.memory_keys(0, ranges, "bounded", anchor, seq.rope)
+    codes = request.token_codes([0], [selection], "bounded")[0]
+    assert codes.numel() == sum(selection.values()) and codes.unique().numel() == codes.numel()
+    got_k, _ = request.code_keys(0, codes, "bounded", anchor, seq.rope)
     first, last = int(store.starts[2]), end(4)
-    unrotated = store.gather(0, torch.arange(first, last))[0].transpose(0, 1)
-    want = seq.rope.rotate(unrotated, anchor - (last - 1 - torch.arange(first, last)))
-    torch.testing.assert_close(got_k[: last - first], want, atol=1e-5, rtol=1e-5)
+    in_run = (codes // request.code_span >= first) & (codes // request.code_span < last)
+    positions = codes[in_run] // request.code_span
+    unrotated = store.gather(0, positions)[0]
+    want = seq.rope.rotate(unrotated, anchor - (last - 1 - positions))
+    torch.testing.assert_close(got_k[in_run], want, atol=1e-5, rtol=1e-5)
 
 
 def test_selection_fills_the_budget_exactly_before_the_local_part():
@@ -187,22 +190,22 @@ def test_retrieval_interval_keeps_a_layers_selection_between_retrievals():
     """With retrieval_interval=3 a prefill chunk and every third decode step (the first
     one included) retrieve; the steps between attend the same events, so the device
     cache needs no copy."""
-    from vllm_episodic.core.event_cache import EventSlots
+    from vllm_episodic.core.event_cache import SlotTable
 
     seq = Sequence(700)
     config = settings(retrieval_budget_tokens=64, retrieval_interval=3)
     _, memory = run(seq, config, [600])
     request = memory.requests["r"]
-    slots = EventSlots(64)
+    slots = SlotTable(LAYERS)
     fresh, previous = [], None
     for done in range(600, 607):
         (plan,) = memory.plan_step([BatchRow("r", done, 1, capacity=700)])
         retrieved = memory.stats.get("events_retrieved")
         chosen = request.select(0, plan, seq.q[0][done : done + 1])
-        update = slots.update(chosen, plan.memory_tokens)
+        update = slots.update(torch.tensor([0]), request.token_codes([0], [chosen], plan.frame), 64)
         fresh.append(plan.refresh)
         if not plan.refresh:
-            assert chosen is previous and not update.loads and not update.moves
+            assert chosen is previous and update.misses == 0 and update.move_layer.numel() == 0
             assert memory.stats.get("events_retrieved") == retrieved
         previous = chosen
     assert fresh == [True, False, False, True, False, False, True]
@@ -259,8 +262,9 @@ def test_store_gathers_tokens_of_several_layers_at_once():
     got_k, got_v = store.gather(layers, positions)
     for i in range(90):
         one_k, one_v = store.gather(int(layers[i]), positions[i : i + 1])
-        assert torch.equal(got_k[:, i], one_k[:, 0]) and torch.equal(got_v[:, i], one_v[:, 0])
-        assert torch.equal(got_k[:, i], keys[layers[i], :, positions[i]])
+        assert torch.equal(got_k[i], one_k[0]) and torch.equal(got_v[i], one_v[0])
+        assert torch.equal(got_k[i], keys[layers[i], :, positions[i]])
+        assert torch.equal(got_v[i], values[layers[i], :, positions[i]])
 
 
 def test_decode_retrieval_ahead_of_the_layers_equals_each_layers_own_retrieval():
@@ -292,16 +296,19 @@ def test_decode_retrieval_ahead_of_the_layers_equals_each_layers_own_retrieval()
     assert not request.can_select_ahead(later)
 
 
-def test_memory_keys_of_several_layers_in_one_gather():
+def test_code_keys_of_several_layers_in_one_gather():
     seq = Sequence(700)
     _, memory = run(seq, settings(retrieval_budget_tokens=64, positions="bounded"), [600])
     request = memory.requests["r"]
-    ranges = [((1, 0), 0, 5), ((3, 2), 1, 4), ((2, 0), 0, 3)]
+    store, span = request.store, request.code_span
+    codes = torch.tensor([int(store.starts[1]) * span, (int(store.starts[3]) + 1) * span + 7,
+                          int(store.starts[2]) * span + 3])
     layers = torch.tensor([1, 0, 1])
-    keys, values = request.memory_keys(layers, ranges, "bounded", 500, seq.rope)
-    done = 0
-    for layer, one in zip(layers.tolist(), ranges):
-        k, v = request.memory_keys(layer, [one], "bounded", 500, seq.rope)
-        torch.testing.assert_close(keys[done : done + one[2]], k)
-        torch.testing.assert_close(values[done : done + one[2]], v)
-        done += one[2]
+    keys, values = request.code_keys(layers, codes, "bounded", 500, seq.rope)
+    for i, layer in enumerate(layers.tolist()):
+        k, v = request.code_keys(layer, codes[i : i + 1], "bounded", 500, seq.rope)
+        torch.testing.assert_close(keys[i : i + 1], k)
+        torch.testing.assert_close(values[i : i + 1], v)
+    # a code's remainder says how far before the anchor the key is rotated to
+    unrotated = store.gather(0, codes[1:2] // span)[0]
+    torch.testing.assert_close(keys[1:2], seq.rope.rotate(unrotated, torch.tensor([500 - 7])), atol=1e-5, rtol=1e-5)

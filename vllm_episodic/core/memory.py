@@ -51,7 +51,7 @@ from typing import Protocol
 import torch
 
 from vllm_episodic.core.attention import attention_with_lse, merge_partials
-from vllm_episodic.core.event_cache import EventSlots
+from vllm_episodic.core.event_cache import SlotTable
 from vllm_episodic.core.refinement import key_similarity, refine_boundaries
 from vllm_episodic.core.representatives import representatives
 from vllm_episodic.core.retrieval import ContiguityBuffer, retrieve, retrieve_layers
@@ -210,7 +210,10 @@ class RequestMemory:
     segmenter: Segmenter = field(init=False)
     contiguity: list[ContiguityBuffer] = field(init=False)
     observations: list[torch.Tensor | None] = field(init=False)
-    slots: list[EventSlots] = field(init=False)
+    slots: SlotTable = field(init=False)
+    """the device event cache's slots, every layer (engine-side)"""
+    filled: list[dict | None] = field(init=False)
+    """per layer: the selection its attended slots hold (None: unknown)"""
     sink_state: list[tuple] = field(init=False)
     """per layer: the rotation the sink tokens in the paged cache have (engine-side)"""
     retained: list[tuple | None] = field(init=False)
@@ -236,7 +239,8 @@ class RequestMemory:
         self.contiguity = [ContiguityBuffer(contiguity_tokens) for _ in range(self.shape.num_layers)]
         self.observations = [None] * self.shape.num_layers
         self._ring_next = [0] * self.shape.num_layers
-        self.slots = [EventSlots(0) for _ in range(self.shape.num_layers)]
+        self.slots = SlotTable(self.shape.num_layers)
+        self.filled = [None] * self.shape.num_layers
         self.sink_state = [("natural", None)] * self.shape.num_layers
         self.retained = [None] * self.shape.num_layers
         self.placements = [None] * self.shape.num_layers
@@ -274,8 +278,8 @@ class RequestMemory:
                 rewrite = True
         self.frame = frame
         if rewrite:
-            for slots in self.slots:
-                slots.clear()
+            self.slots.clear()
+            self.filled = [None] * self.shape.num_layers
         anchor = self.anchor or 0
         local_start = self.open_start // self.shape.block_size * self.shape.block_size
         if self.store is None or self.store.num_events == 0 or local_start <= lay.sinks:
@@ -449,32 +453,46 @@ class RequestMemory:
         self.placements[layer] = (selection, frame, placed)
         return placed
 
-    def memory_keys(self, layer: int | torch.Tensor, events: list[tuple[tuple[int, int], int, int]], frame: str,
-                    anchor: int, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
-        """K/V of event token ranges, keys rotated for attention.
+    @property
+    def code_span(self) -> int:
+        """Codes per position in :meth:`token_codes`: a run spans at most the budget plus
+        one event (its last, cut event's untaken tail), so ``back`` stays below this."""
+        return self.layout.max_memory + self.settings.max_event_tokens
+
+    def token_codes(self, layers: list[int], selections: list[dict[int, int]], frame: str) -> torch.Tensor:
+        """``[len(layers), tokens]`` the selected tokens of each layer as codes of the
+        device cache (:class:`SlotTable`): ``position · span + back``, ``back`` being how
+        far before the anchor the token's key is rotated to (0 in the exact frame), so
+        that a code says everything its slot holds. The selections must be equally large.
+        """
+        rows = [(e, lag, n) for layer, selection in zip(layers, selections)
+                for (e, lag), n in self.placed(layer, selection, frame).items()]
+        if not rows:
+            return torch.empty((len(layers), 0), dtype=torch.long)
+        ids, lags, counts = (torch.tensor(column, dtype=torch.long) for column in zip(*rows))
+        store, span = self.store, self.code_span
+        owner = torch.repeat_interleave(torch.arange(len(rows)), counts)
+        rank = torch.arange(int(counts.sum())) - (torch.cumsum(counts, 0) - counts)[owner]
+        positions = store.starts[ids][owner] + rank
+        if frame == "exact":
+            return (positions * span).view(len(layers), -1)
+        # every run ends at the anchor: an event ends `lag` tokens before it
+        back = (store.ends[ids] + lags)[owner] - 1 - positions
+        if int(back.max()) >= span:
+            raise ValueError(f"a run of {int(back.max()) + 1} tokens exceeds the code span {span}")
+        return (positions * span + back).view(len(layers), -1)
+
+    def code_keys(self, layer: int | torch.Tensor, codes: torch.Tensor, frame: str, anchor: int,
+                  rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V of the tokens named by ``codes (tokens,)`` (:meth:`token_codes`), keys
+        rotated for attention: ``keys, values [tokens, num_kv_heads, head_size]``.
 
         Args:
-            layer: the layer, or ``(ranges,)`` the layer of each range (several layers
-                in one gather).
-            events: ``((event, lag), first rank, count)`` ranges (keys of :meth:`placed`).
-
-        Returns:
-            ``keys, values [tokens, num_kv_heads, head_size]``.
+            layer: the layer, or ``(tokens,)`` each token's layer (several in one gather).
         """
-        store = self.store
-        ids, lags, firsts, counts = (torch.tensor(column, dtype=torch.long) for column in
-                                     zip(*((e, lag, r, n) for (e, lag), r, n in events)))
-        starts = store.starts[ids] + firsts
-        owner = torch.repeat_interleave(torch.arange(len(events)), counts)
-        rank = torch.arange(int(counts.sum())) - (torch.cumsum(counts, 0) - counts)[owner]
-        positions = starts[owner] + rank
-        if frame == "exact":
-            target = positions
-        else:
-            # every run ends at the anchor: an event ends `lag` tokens before it
-            ends = store.ends[ids] + lags
-            target = anchor - (ends[owner] - 1 - positions)
-        return _rotated(store, layer if isinstance(layer, int) else layer[owner], positions, target, rope)
+        positions, back = codes // self.code_span, codes % self.code_span
+        target = positions if frame == "exact" else anchor - back
+        return _rotated(self.store, layer, positions, target, rope)
 
     def sink_keys(self, layer: int, frame: str, anchor: int, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V of the sinks rotated for the frame: true positions, or A − budget − max_event − S + i."""
@@ -497,9 +515,8 @@ class RequestMemory:
         """
         sink_k, sink_v = self.sink_keys(layer, plan.frame, plan.anchor, rope)
         if selection:
-            placed = self.placed(layer, selection, plan.frame)
-            mem_k, mem_v = self.memory_keys(layer, [(key, 0, n) for key, n in sorted(placed.items())],
-                                            plan.frame, plan.anchor, rope)
+            codes = self.token_codes([layer], [selection], plan.frame)[0]
+            mem_k, mem_v = self.code_keys(layer, codes, plan.frame, plan.anchor, rope)
             sink_k, sink_v = torch.cat((sink_k, mem_k)), torch.cat((sink_v, mem_v))
         out_g, lse_g = attention_with_lse(query, sink_k, sink_v, scale)
         out_l, lse_l = attention_with_lse(
@@ -528,8 +545,7 @@ def _rotated(store: HostStore, layer: int | torch.Tensor, positions: torch.Tenso
     """Stored tokens at ``positions`` (of ``layer``, or of each token's layer) with keys
     rotated to ``target`` positions: ``keys, values [tokens, num_kv_heads, head_size]``."""
     keys, values = store.gather(layer, positions)
-    keys, values = keys.transpose(0, 1), values.transpose(0, 1)
-    fused = rope.rotate_keys(keys.contiguous(), target)
+    fused = rope.rotate_keys(keys, target)
     if fused is not None:
         return fused, values
     out_k, out_v = torch.empty_like(keys), torch.empty_like(values)
@@ -683,5 +699,4 @@ class EpisodicMemory:
 
     def update_slow_gauges(self) -> None:
         """Gauges that walk every cached event: call only before publishing."""
-        self.stats.set("device_cache_tokens", sum(
-            slots.resident_tokens() for m in self.requests.values() for slots in m.slots))
+        self.stats.set("device_cache_tokens", sum(m.slots.resident_tokens() for m in self.requests.values()))

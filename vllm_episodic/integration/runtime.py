@@ -191,62 +191,69 @@ class WorkerRuntime:
         """Retrieve this layer's events and copy them into the row's cache slots, so that
         the attended blocks hold sinks + exactly the selected tokens."""
         selection = plan.memory.select(layer, plan, query)
-        self._fill_slots(plan, [(layer, kv_cache, selection)], isa)
+        self._fill_slots(plan, [layer], [selection], [kv_cache], isa)
 
     def select_ahead(self, plan: RowPlan) -> None:
         """A decode step's retrieval for every layer before the layers run (from the
         previous token's queries), and its slot copies in one gather for all layers."""
         selections = plan.memory.select_layers(plan)
         if plan.mode == "assembled":
-            caches = self.runner.kv_caches
-            self._fill_slots(plan, [(layer, caches[layer], s) for layer, s in enumerate(selections)], self.isa)
+            layers = range(len(selections))
+            self._fill_slots(plan, layers, selections, [self.runner.kv_caches[i] for i in layers], self.isa)
 
-    def _fill_slots(self, plan: RowPlan, work: list[tuple[int, torch.Tensor, dict[int, int]]], isa: str) -> None:
-        """Make each layer's attended cache slots hold its selection.
+    def _fill_slots(self, plan: RowPlan, layers, selections: list[dict[int, int]], caches: list[torch.Tensor],
+                    isa: str) -> None:
+        """Make each layer's attended cache slots hold its selection: one slot-table
+        update, one gather (and rotation) from the host store for all the layers' missing
+        tokens, then per layer one copy within the cache and one write.
 
         Args:
-            work: ``(layer, its paged KV cache, selection)``; the tokens to bring from the
-                host store are gathered and rotated for all these layers at once.
+            layers, selections, caches: each layer, its selection and its paged KV cache.
         """
         from vllm_episodic.integration.paged_kv import write_slots
 
         memory = plan.memory
         layout = self.memory.layout
-        bs = self.layout.block_size
-        absolute, key_at, value_at = _cache_slots(plan, layout, self.layout)
         wanted = ("natural", None) if plan.frame == "exact" else ("bounded", plan.anchor)
-        began = time.perf_counter()
-        loads, range_layers, owners, hits, misses = [], [], [], 0, 0
-        for layer, kv_cache, selection in work:
+        for layer, kv_cache in zip(layers, caches):
             if memory.sink_state[layer] != wanted:
-                sink_slots = _token_slots(plan.block_row, 0, layout.sinks, bs)
+                sink_slots = _token_slots(plan.block_row, 0, layout.sinks, self.layout.block_size)
                 write_slots(kv_cache, isa, sink_slots, *memory.sink_keys(layer, plan.frame, plan.anchor, self.rope))
                 memory.sink_state[layer] = wanted
-            placed = memory.placed(layer, selection, plan.frame)
-            update = memory.slots[layer].update(placed, plan.memory_tokens, plan.cache_slots)
-            hits, misses = hits + update.hits, misses + update.misses
-            if update.moves:
-                source = torch.tensor([s for src, _ in update.moves for s in src])
-                target = absolute[torch.tensor([s for _, dst in update.moves for s in dst])]
-                flat = kv_cache.view(-1)
-                write_slots(kv_cache, isa, target, flat[key_at[source]], flat[value_at[source]])
-            if update.loads:
-                loads.extend(update.loads)
-                range_layers.extend([layer] * len(update.loads))
-                owners.append((kv_cache, sum(n for _, _, n, _ in update.loads)))
-        if loads:
-            # one gather for all layers; each layer's tokens are one slice of it
-            which = range_layers[0] if len(owners) == 1 else torch.tensor(range_layers)
-            keys, values = memory.memory_keys(which, [(e, first, n) for e, first, n, _ in loads],
-                                              plan.frame, plan.anchor, self.rope)
-            target = absolute[torch.tensor([s for *_, dst in loads for s in dst])]
+        # layers whose slots already hold their selection (steps between retrievals) skip
+        todo = [i for i, (layer, selection) in enumerate(zip(layers, selections))
+                if memory.filled[layer] != selection]
+        if not todo:
+            return
+        began = time.perf_counter()
+        layers = [layers[i] for i in todo]
+        selections, cache_of = [selections[i] for i in todo], {layers[j]: caches[i] for j, i in enumerate(todo)}
+        codes = memory.token_codes(layers, selections, plan.frame)
+        changes = memory.slots.update(torch.tensor(layers), codes, plan.cache_slots)
+        absolute, key_at, value_at = _cache_slots(plan, layout, self.layout)
+        if changes.move_layer.numel():
+            # moves read every source before writing (a slot can be both)
+            for layer in changes.move_layer.unique().tolist():
+                index = (changes.move_layer == layer).nonzero().flatten()
+                flat = cache_of[layer].view(-1)
+                source = changes.move_from[index]
+                write_slots(cache_of[layer], isa, absolute[changes.move_to[index]],
+                            flat[key_at[source]], flat[value_at[source]])
+        if changes.load_layer.numel():
+            which = layers[0] if len(layers) == 1 else changes.load_layer
+            keys, values = memory.code_keys(which, changes.load_code, plan.frame, plan.anchor, self.rope)
+            # loads come grouped by layer
             done = 0
-            for kv_cache, n in owners:
-                write_slots(kv_cache, isa, target[done : done + n], keys[done : done + n], values[done : done + n])
-                done += n
+            for layer, count in zip(*(t.tolist() for t in torch.unique_consecutive(changes.load_layer,
+                                                                                return_counts=True))):
+                part = slice(done, done + count)
+                write_slots(cache_of[layer], isa, absolute[changes.load_to[part]], keys[part], values[part])
+                done += count
             self.stats.observe("prefetch_latency_seconds", time.perf_counter() - began)
-        self.stats.inc("device_cache_hits", hits)
-        self.stats.inc("device_cache_misses", misses)
+        for layer, selection in zip(layers, selections):
+            memory.filled[layer] = selection
+        self.stats.inc("device_cache_hits", changes.hits)
+        self.stats.inc("device_cache_misses", changes.misses)
 
     def needs_surprise(self, plan: RowPlan) -> bool:
         """Surprise matters only for requests that can outgrow sinks + window."""
