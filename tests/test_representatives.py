@@ -13,7 +13,7 @@ def test_picks_the_keys_the_queries_attend_to():
     queries = torch.randn(6, heads, dim)
     # make token 7 (event 1, rank 2) the obvious target of every query of head 0 (kv head 0)
     keys[7, 0] = queries[:, 0].mean(0) * 20
-    reps = representatives(queries, keys, keys, lengths, top=1)
+    reps = representatives(queries[None], keys[None], keys[None], lengths, top=1)[0]
     assert reps.shape == (3, heads, dim)
     torch.testing.assert_close(reps[1, 0], keys[7, 0])
 
@@ -25,7 +25,7 @@ def test_brute_force_per_event_and_head():
     rotated = torch.randn(11, kv_heads, dim)
     plain = torch.randn(11, kv_heads, dim)
     queries = torch.randn(5, heads, dim)
-    reps = representatives(queries, rotated, plain, lengths, top=top)
+    reps = representatives(queries[None], rotated[None], plain[None], lengths, top=top)[0]
     start = 0
     for e, n in enumerate(lengths.tolist()):
         for h in range(heads):
@@ -39,6 +39,20 @@ def test_brute_force_per_event_and_head():
 
 def test_without_observations_uses_every_key():
     keys = torch.randn(6, 1, 4)
-    reps = representatives(torch.empty(0, 2, 4), keys, keys, torch.tensor([2, 4]), top=8)
+    reps = representatives(torch.empty(1, 0, 2, 4), keys[None], keys[None], torch.tensor([2, 4]), top=8)[0]
     torch.testing.assert_close(reps[0, 1], keys[:2, 0].mean(0))
     torch.testing.assert_close(reps[1, 0], keys[2:, 0].mean(0))
+
+
+def test_layers_at_once_equal_each_layer_alone():
+    torch.manual_seed(3)
+    layers, heads, kv_heads, dim = 3, 4, 2, 8
+    lengths = torch.tensor([3, 7, 2, 5])
+    rotated = torch.randn(layers, 17, kv_heads, dim)
+    plain = torch.randn(layers, 17, kv_heads, dim)
+    queries = torch.randn(layers, 6, heads, dim)
+    together = representatives(queries, rotated, plain, lengths, top=2)
+    for layer in range(layers):
+        alone = representatives(queries[layer : layer + 1], rotated[layer : layer + 1],
+                                plain[layer : layer + 1], lengths, top=2)
+        torch.testing.assert_close(together[layer], alone[0])

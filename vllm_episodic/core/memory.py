@@ -65,6 +65,8 @@ from vllm_episodic.metrics import Stats
 OBSERVATION_QUERIES = 32
 #: how far (in tokens) queries may drift past the bounded anchor before it moves
 REANCHOR = 128
+#: float32 elements of attention scores computed at once for representatives (16 MiB)
+REPS_SCRATCH = 1 << 22
 
 
 class Settings(Protocol):
@@ -315,28 +317,40 @@ class RequestMemory:
 
     # ---- per layer ------------------------------------------------------------------
 
-    def absorb(self, layer: int, start: int, keys_rotated: torch.Tensor, values: torch.Tensor,
-               rope: Rope, events: range | None = None) -> None:
-        """Store tokens ``[start, start + n)`` for ``layer`` (un-rotated), and the
+    def absorb(self, start: int, keys_rotated: torch.Tensor, values: torch.Tensor, rope: Rope,
+               events: range | None = None) -> None:
+        """Store tokens ``[start, start + n)`` of every layer (un-rotated), and the
         representatives of ``events`` (which tile them).
 
         Args:
-            keys_rotated, values: ``[n, num_kv_heads, head_size]`` read from the paged
-                KV cache (keys rotated by vLLM).
+            keys_rotated, values: ``[num_layers, n, num_kv_heads, head_size]`` read from the
+                paged KV cache (keys rotated by vLLM).
         """
-        positions = torch.arange(start, start + keys_rotated.shape[0])
-        keys = rope.rotate(keys_rotated, positions, inverse=True)
-        self.store.write(layer, start, keys.transpose(0, 1), values.transpose(0, 1))
+        layers, n, kv_heads, head_size = keys_rotated.shape
+        positions = torch.arange(start, start + n)
+        # one rotation for all layers: [n, layers * kv_heads, head_size]
+        flat = keys_rotated.transpose(0, 1).reshape(n, layers * kv_heads, head_size)
+        keys = rope.rotate(flat, positions, inverse=True).view(n, layers, kv_heads, head_size).transpose(0, 1)
+        self.store.write(slice(None), start, keys.transpose(1, 2), values.transpose(1, 2))
         if not events:
             return
         ids = torch.arange(events.start, events.stop)
         lengths = self.store.ends[ids] - self.store.starts[ids]
-        obs = self.observations[layer]
-        if obs is None:
-            obs = keys_rotated.new_empty((0, self.shape.num_heads, self.shape.head_size))
-        self.store.reps[layer, ids] = representatives(
-            obs, keys_rotated, keys, lengths, self.settings.representatives_per_event
-        )
+        # as many recent queries from every layer (the layers observe the same steps)
+        seen = min(0 if obs is None else obs.shape[0] for obs in self.observations)
+        if seen:
+            obs = torch.stack([ring[-seen:] for ring in self.observations])
+        else:
+            obs = keys_rotated.new_empty((layers, 0, self.shape.num_heads, head_size))
+        # layers in groups: their attention scores [layers, heads, m, events, longest] stay
+        # under REPS_SCRATCH elements (a prefill chunk makes ~100 events at once)
+        per_layer = self.shape.num_heads * max(seen, 1) * ids.numel() * int(lengths.max())
+        group = max(1, REPS_SCRATCH // per_layer)
+        for first in range(0, layers, group):
+            part = slice(first, first + group)
+            self.store.reps[part, ids] = representatives(
+                obs[part], keys_rotated[part], keys[part], lengths, self.settings.representatives_per_event
+            )
 
     def select(self, layer: int, plan: RowPlan, query: torch.Tensor) -> dict[int, int]:
         """Events (and how many of their first tokens) this layer attends: exactly
@@ -647,13 +661,16 @@ class EpisodicMemory:
                 if not first_time:
                     continue
                 start = end = self.layout.sinks  # the sinks are always kept
-            for layer in range(self.shape.num_layers):
-                if first_time:
-                    memory.absorb(layer, 0, *read_tokens(plan, layer, 0, self.layout.sinks), self.rope)
-                if end > start:
-                    keys, values = read_tokens(plan, layer, start, end)
-                    memory.absorb(layer, start, keys, values, self.rope, events)
+            if first_time:
+                memory.absorb(0, *self._read_layers(plan, read_tokens, 0, self.layout.sinks), self.rope)
+            if end > start:
+                memory.absorb(start, *self._read_layers(plan, read_tokens, start, end), self.rope, events)
         self.update_gauges()
+
+    def _read_layers(self, plan: RowPlan, read_tokens: TokenReader, start: int, end: int):
+        """K/V ``[num_layers, end - start, num_kv_heads, head_size]`` of a row's tokens."""
+        keys, values = zip(*(read_tokens(plan, layer, start, end) for layer in range(self.shape.num_layers)))
+        return torch.stack(keys), torch.stack(values)
 
     def host_bytes(self) -> int:
         return sum(m.store.nbytes for m in self.requests.values() if m.store is not None)

@@ -20,46 +20,48 @@ def representatives(
     lengths: torch.Tensor,
     top: int,
 ) -> torch.Tensor:
-    """Representatives of consecutive events.
+    """Representatives of consecutive events, in several layers at once.
 
     Args:
-        obs_queries: ``[m, num_heads, head_size]`` recent queries, rotated at their
-            positions (as vLLM hands them to attention); ``m`` may be 0.
-        keys_rotated: ``[n, num_kv_heads, head_size]`` the events' keys rotated at their
-            positions (as in the paged KV cache): scores use true relative distances.
-        keys: ``[n, num_kv_heads, head_size]`` the same keys un-rotated.
+        obs_queries: ``[layers, m, num_heads, head_size]`` recent queries, rotated at
+            their positions (as vLLM hands them to attention); ``m`` may be 0.
+        keys_rotated: ``[layers, n, num_kv_heads, head_size]`` the events' keys rotated
+            at their positions (as in the paged KV cache): scores use true relative distances.
+        keys: ``[layers, n, num_kv_heads, head_size]`` the same keys un-rotated.
         lengths: ``(k,)`` token count of each event; the events tile the n tokens.
         top: tokens averaged per event and head.
 
     Returns:
-        ``[k, num_heads, head_size]`` float32 (scoring reads them in float32).
+        ``[layers, k, num_heads, head_size]`` float32 (scoring reads them in float32).
     """
-    num_events = int(lengths.numel())
-    num_heads = obs_queries.shape[1]
-    num_kv_heads, head_size = keys.shape[1], keys.shape[2]
+    num_layers, num_events = keys.shape[0], int(lengths.numel())
+    num_heads = obs_queries.shape[2]
+    num_kv_heads, head_size = keys.shape[2], keys.shape[3]
     group = num_heads // num_kv_heads
     longest = int(lengths.max())
     # padded layout: event e, rank j -> token index first[e] + j
     first = torch.cumsum(lengths, 0) - lengths
     ranks = torch.arange(longest)
     valid = ranks[None, :] < lengths[:, None]  # [k, longest]
-    index = (first[:, None] + ranks[None, :]).clamp(max=keys.shape[0] - 1)  # [k, longest]
-    if obs_queries.shape[0] > 0:
-        q = obs_queries.float().view(-1, num_kv_heads, group, head_size)
-        scores = torch.einsum("mgxd,ngd->gxmn", q, keys_rotated.float()) / head_size**0.5
-        scores = scores.reshape(num_heads, -1, keys.shape[0])[:, :, index]  # [H, m, k, longest]
+    index = (first[:, None] + ranks[None, :]).clamp(max=keys.shape[1] - 1)  # [k, longest]
+    if obs_queries.shape[1] > 0:
+        q = obs_queries.float().view(num_layers, -1, num_kv_heads, group, head_size)
+        scores = torch.einsum("lmgxd,lngd->lgxmn", q, keys_rotated.float()) / head_size**0.5
+        scores = scores.reshape(num_layers, num_heads, -1, keys.shape[1])[..., index]  # [L, H, m, k, longest]
         scores = scores.masked_fill(~valid, float("-inf"))
-        mass = scores.softmax(-1).sum(1)  # [H, k, longest]
+        mass = scores.softmax(-1).sum(2)  # [L, H, k, longest]
     else:
-        mass = torch.zeros(num_heads, num_events, longest)
+        mass = torch.zeros(num_layers, num_heads, num_events, longest)
     mass = mass.masked_fill(~valid, float("-inf"))
     take = min(top, longest)
-    chosen = mass.topk(take, dim=-1).indices  # [H, k, take]
+    chosen = mass.topk(take, dim=-1).indices  # [L, H, k, take]
     # events shorter than `take` repeat -inf picks: only count valid ones
-    chosen_valid = valid[torch.arange(num_events)[None, :, None], chosen]  # [H, k, take]
-    token = index[torch.arange(num_events)[None, :, None], chosen]  # [H, k, take]
-    kv_head = torch.arange(num_heads) // group  # [H]
-    picked = keys.float()[token, kv_head[:, None, None]]  # [H, k, take, D]
+    event = torch.arange(num_events)[:, None]
+    chosen_valid = valid[event, chosen]  # [L, H, k, take]
+    token = index[event, chosen]  # [L, H, k, take]
+    layer = torch.arange(num_layers)[:, None, None, None]
+    kv_head = (torch.arange(num_heads) // group)[None, :, None, None]
+    picked = keys.float()[layer, token, kv_head]  # [L, H, k, take, D]
     weight = chosen_valid.float().unsqueeze(-1)
-    reps = (picked * weight).sum(2) / weight.sum(2).clamp(min=1)  # [H, k, D]
-    return reps.transpose(0, 1).contiguous()
+    reps = (picked * weight).sum(3) / weight.sum(3).clamp(min=1)  # [L, H, k, D]
+    return reps.transpose(1, 2).contiguous()

@@ -87,19 +87,20 @@ class HostStore:
         first, last = start // self.page_tokens, (end - 1) // self.page_tokens
         return sum(1 for p in range(first, last + 1) if p >= len(self.keys) or self.keys[p] is None)
 
-    def write(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def write(self, layer: int | slice, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Store un-rotated ``keys``/``values`` ``[num_kv_heads, n, head_size]`` of tokens
-        ``[start, start + n)`` for ``layer``."""
+        ``[start, start + n)`` for ``layer`` (or ``[layers, num_kv_heads, n, head_size]``
+        for a slice of layers)."""
         done = 0
-        total = keys.shape[1]
+        total = keys.shape[-2]
         self.end_token = max(self.end_token, start + total)
         while done < total:
             token = start + done
             page, offset = divmod(token, self.page_tokens)
             n = min(total - done, self.page_tokens - offset)
             page_keys, page_values = self._page(page, allocate=True)
-            page_keys[layer, :, offset : offset + n].copy_(keys[:, done : done + n])
-            page_values[layer, :, offset : offset + n].copy_(values[:, done : done + n])
+            page_keys[layer, :, offset : offset + n].copy_(keys[..., done : done + n, :])
+            page_values[layer, :, offset : offset + n].copy_(values[..., done : done + n, :])
             done += n
 
     def add_events(self, spans: list[tuple[int, int]]) -> range:
