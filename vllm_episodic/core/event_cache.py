@@ -5,8 +5,8 @@ The cache is a fixed set of token slots per layer (on vLLM: KV blocks that the
 request owns). Attention reads the first ``attended`` slots, which must hold exactly
 the tokens retrieved for this step, in any order (positions live in the keys'
 rotation, not in the slot order); the slots after them are a reserve that keeps
-recently dropped tokens (least recently dropped go last), so that a token retrieved
-again is a device-side move instead of a host→device copy.
+recently dropped tokens (those dropped longest ago are overwritten first), so that a
+token retrieved again is a device-side move instead of a host→device copy.
 
 A token is named by a *code*, a non-negative int64 that says what its slot holds
 (the caller's choice: the memory encodes the token's position and the position its
