@@ -44,6 +44,15 @@ class SlotChanges:
     """wanted tokens loaded from the host store"""
 
 
+def _stride(rows: int, *codes: torch.Tensor) -> int:
+    """Row stride that keys code c of row r as ``r * stride + c + 1`` without two rows
+    overlapping (``EMPTY`` keys as ``r * stride``, matching no code)."""
+    stride = max(int(c.max()) for c in codes) + 2
+    if stride * rows >= 1 << 62:
+        raise ValueError(f"codes up to {stride} are too large for {rows} rows")
+    return stride
+
+
 def _row_matches(held: torch.Tensor, wanted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row of ``held [rows, n]`` (codes, ``EMPTY`` allowed) and ``wanted [rows, n]``
     (codes), each unique within its row: which held codes are wanted and which wanted
@@ -51,10 +60,7 @@ def _row_matches(held: torch.Tensor, wanted: torch.Tensor) -> tuple[torch.Tensor
     rows = held.shape[0]
     if held.numel() == 0:
         return held.bool(), wanted.bool()
-    stride = max(int(held.max()), int(wanted.max())) + 2
-    if stride * rows >= 1 << 62:
-        raise ValueError(f"codes up to {stride} are too large for {rows} rows")
-    # code c of row r becomes r * stride + c + 1; EMPTY becomes r * stride, matching nothing
+    stride = _stride(rows, held, wanted)
     offset = torch.arange(rows, dtype=torch.long)[:, None] * stride
     keyed = torch.cat(((held + 1 + offset).flatten(), (wanted + 1 + offset).flatten()))
     ordered, where = torch.sort(keyed)
@@ -159,10 +165,7 @@ def _locate(slots: torch.Tensor, rows: torch.Tensor, codes: torch.Tensor) -> tor
     width = slots.shape[1]
     if width == 0 or codes.numel() == 0:
         return missing
-    stride = max(int(slots.max()), int(codes.max())) + 2
-    if stride * slots.shape[0] >= 1 << 62:
-        raise ValueError(f"codes up to {stride} are too large for {slots.shape[0]} rows")
-    # EMPTY (-1) becomes 0, every code c of row r becomes r * stride + c + 1
+    stride = _stride(slots.shape[0], slots, codes)
     keyed = (slots + 1 + torch.arange(slots.shape[0])[:, None] * stride).flatten()
     ordered, where = torch.sort(keyed)
     probe = codes + 1 + rows * stride

@@ -221,13 +221,13 @@ class WorkerRuntime:
                 write_slots(kv_cache, isa, sink_slots, *memory.sink_keys(layer, plan.frame, plan.anchor, self.rope))
                 memory.sink_state[layer] = wanted
         # layers whose slots already hold their selection (steps between retrievals) skip
-        todo = [i for i, (layer, selection) in enumerate(zip(layers, selections))
+        todo = [(layer, selection, kv_cache) for layer, selection, kv_cache in zip(layers, selections, caches)
                 if memory.filled[layer] != selection]
         if not todo:
             return
         began = time.perf_counter()
-        layers = [layers[i] for i in todo]
-        selections, cache_of = [selections[i] for i in todo], {layers[j]: caches[i] for j, i in enumerate(todo)}
+        layers, selections, caches = zip(*todo)
+        cache_of = dict(zip(layers, caches))
         codes = memory.token_codes(layers, selections, plan.frame)
         changes = memory.slots.update(torch.tensor(layers), codes, plan.cache_slots)
         absolute, key_at, value_at = _cache_slots(plan, layout, self.layout)
