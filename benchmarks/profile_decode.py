@@ -68,22 +68,25 @@ def instrument() -> None:
     timing(memory.EpisodicMemory, "end_step", "events")
 
 
-def decode_steps(llm, prompt_ids: list[int], decode: int) -> tuple[float, int]:
-    """Seconds spent in decode steps (after the first token) and how many."""
+def decode_steps(llm, prompt_ids: list[int], decode: int, requests: int = 1) -> tuple[float, int]:
+    """Seconds spent in steps where every request decodes (all prefills done) and how many."""
     from vllm import SamplingParams
 
     engine = llm.llm_engine
-    engine.add_request("profile", {"prompt_token_ids": prompt_ids},
-                       SamplingParams(max_tokens=decode, ignore_eos=True, temperature=0.0))
-    decoding, spent, steps = False, 0.0, 0
+    for i in range(requests):
+        engine.add_request(f"profile-{i}", {"prompt_token_ids": prompt_ids},
+                           SamplingParams(max_tokens=decode, ignore_eos=True, temperature=0.0))
+    started: set[str] = set()
+    spent, steps = 0.0, 0
     while engine.has_unfinished_requests():
+        decoding = len(started) == requests
         began = time.perf_counter()
         outputs = engine.step()
-        if decoding:
+        if decoding and len(outputs) == requests:
             spent += time.perf_counter() - began
             steps += 1
-        elif outputs and outputs[0].outputs[0].token_ids:
-            decoding = True
+        started |= {o.request_id for o in outputs if o.outputs[0].token_ids}
+        if not decoding and len(started) == requests:
             SPENT.clear()  # from here on, decode steps only
     return spent, steps
 
@@ -93,6 +96,8 @@ def main() -> int:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--context", type=int, default=30000)
     parser.add_argument("--decode", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=1,
+                        help="identical requests decoding together (steps are timed once all have started)")
     parser.add_argument("--episodic", default='{"preset": "smollm2"}')
     parser.add_argument("--backends", nargs="+", default=["episodic", "stock"])
     parser.add_argument("--max-model-len", type=int, default=None,
@@ -117,6 +122,7 @@ def main() -> int:
         prompt_ids = tokenizer(filler_text(args.context, seed=1), add_special_tokens=False)["input_ids"][: args.context]
     max_len = args.max_model_len or args.context + args.decode + 64
     report = {"machine": common.machine(), "model": args.model, "context": len(prompt_ids), "decode": args.decode,
+              "requests": args.requests,
               "prompt": "random token ids" if args.random_prompt else "text",
               "episodic_config": json.loads(args.episodic)}
     instrument()
@@ -128,7 +134,7 @@ def main() -> int:
         elif max_len > common.trained_length(model_dir):
             kwargs["hf_overrides"] = {"max_position_embeddings": max_len}
         llm = LLM(**kwargs)
-        spent, steps = decode_steps(llm, prompt_ids, args.decode)
+        spent, steps = decode_steps(llm, prompt_ids, args.decode, args.requests)
         parts = {k: v / steps * 1e3 for k, v in SPENT.items()} if backend == "episodic" else {}
         report[backend] = {"step_ms": spent / steps * 1e3, "steps": steps, "parts_ms": parts}
         common.log(f"{backend}: {spent / steps * 1e3:.2f} ms per decode step over {steps} steps; {parts}")
