@@ -80,11 +80,15 @@ def decode_steps(llm, prompt_ids: list[int], decode: int, requests: int = 1) -> 
     spent, steps = 0.0, 0
     while engine.has_unfinished_requests():
         decoding = len(started) == requests
+        parts_before = dict(SPENT)
         began = time.perf_counter()
         outputs = engine.step()
         if decoding and len(outputs) == requests:
             spent += time.perf_counter() - began
             steps += 1
+        elif decoding:  # some request has finished: neither the step nor its parts count
+            SPENT.clear()
+            SPENT.update(parts_before)
         started |= {o.request_id for o in outputs if o.outputs[0].token_ids}
         if not decoding and len(started) == requests:
             SPENT.clear()  # from here on, decode steps only
