@@ -48,6 +48,11 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+def threads_binding(requested: str | None) -> str:
+    """The ``VLLM_CPU_OMP_THREADS_BIND`` a benchmark server gets: as requested, else every core."""
+    return requested or f"0-{os.cpu_count() - 1}"
+
+
 @contextmanager
 def serve(model_dir: str, backend: str, max_model_len: int, episodic: dict | None = None,
           extra: list[str] | None = None, threads_bind: str | None = None, kv_space_gib: int = 4):
@@ -65,7 +70,7 @@ def serve(model_dir: str, backend: str, max_model_len: int, episodic: dict | Non
     env = dict(os.environ)
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_space_gib))
-    env["VLLM_CPU_OMP_THREADS_BIND"] = threads_bind or f"0-{os.cpu_count() - 1}"
+    env["VLLM_CPU_OMP_THREADS_BIND"] = threads_binding(threads_bind)
     RESULTS.mkdir(parents=True, exist_ok=True)
     log_path = RESULTS / f"serve-{backend}-{port}.log"
     with open(log_path, "w") as out:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -129,7 +128,7 @@ def main() -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {"model": args.model, "machine": common.machine(), "episodic_config": json.loads(args.episodic),
               "output_len": args.output_len, "num_prompts": args.num_prompts,
-              "threads_bind": args.threads_bind or f"0-{os.cpu_count() - 1}"}
+              "threads_bind": common.threads_binding(args.threads_bind)}
     for backend in args.backends:
         lengths = [n for n in args.lengths if backend == "episodic" or n <= args.stock_max_len]
         if not lengths:
