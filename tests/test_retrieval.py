@@ -2,8 +2,14 @@
 
 import torch
 
-from vllm_episodic.core.retrieval import ContiguityBuffer, retrieve, retrieve_layers
+from vllm_episodic.core.retrieval import ContiguityBuffer, retrieve_layers
 from vllm_episodic.kernels import select_within_budget
+
+
+def retrieve(query, reps, available, budget, buffer):
+    """One layer's retrieval: chosen events and ``(events,)`` scores."""
+    picked, scores = retrieve_layers(query[None], reps[None], available, budget, [buffer])
+    return picked[0], scores[0]
 
 
 def _events(num, heads=4, dim=32, seed=42):
@@ -65,8 +71,8 @@ def test_budget_selection_is_a_score_ordered_prefix():
 
 
 def test_layers_retrieved_together_match_layers_retrieved_one_by_one():
-    """retrieve_layers (one scoring and selection call for all layers) chooses for each
-    layer what retrieve chooses, and moves each layer's contiguity queue the same way."""
+    """One scoring and selection call for all layers chooses for each layer what a call
+    for that layer alone chooses, and moves each layer's contiguity queue the same way."""
     torch.manual_seed(7)
     layers, num = 4, 120
     reps = torch.randn(layers, num, 4, 32)

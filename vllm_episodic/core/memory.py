@@ -54,7 +54,7 @@ from vllm_episodic.core.attention import attention_with_lse, merge_partials
 from vllm_episodic.core.event_cache import SlotTable
 from vllm_episodic.core.refinement import key_similarity, refine_boundaries
 from vllm_episodic.core.representatives import representatives
-from vllm_episodic.core.retrieval import ContiguityBuffer, retrieve, retrieve_layers
+from vllm_episodic.core.retrieval import ContiguityBuffer, retrieve_layers
 from vllm_episodic.core.rope import Rope
 from vllm_episodic.core.segmentation import Segmenter
 from vllm_episodic.core.store import HostStore
@@ -371,9 +371,9 @@ class RequestMemory:
         available = plan.available
         # the query as seen from memory at distance `window` (un-rotated keys at 0)
         q_score = self.rope.apply(query, *plan.score_angles).mean(0)
-        picked, scores = retrieve(q_score, store.reps[layer, : available.numel()], available, budget,
-                                  self.contiguity[layer])
-        return self._settle([layer], plan, [picked], scores[None])[0]
+        picked, scores = retrieve_layers(q_score[None], store.reps[layer : layer + 1, : available.numel()],
+                                         available, budget, [self.contiguity[layer]])
+        return self._settle([layer], plan, picked, scores)[0]
 
     def note_query(self, layer: int, query: torch.Tensor, position: int) -> None:
         """Keep ``query [num_heads, head_size]``, the layer's query at ``position``: the

@@ -17,7 +17,7 @@ from collections import deque
 
 import torch
 
-from vllm_episodic.kernels import score_events, score_layer_events, select_within_budget
+from vllm_episodic.kernels import score_layer_events, select_within_budget
 
 
 class ContiguityBuffer:
@@ -54,35 +54,6 @@ class ContiguityBuffer:
         self.events.clear()
 
 
-def retrieve(
-    query: torch.Tensor,
-    reps: torch.Tensor,
-    available: torch.Tensor,
-    budget: int,
-    buffer: ContiguityBuffer,
-) -> tuple[list[int], torch.Tensor]:
-    """Events to attend, best first, and every event's score.
-
-    Args:
-        query: ``[num_heads, head_size]`` the step's scoring query.
-        reps: ``[events, num_heads, head_size]`` representative keys.
-        available: ``(events,)`` attendable tokens of each event (0: never chosen).
-        budget: tokens of events attended in total; similarity gets all of it but the
-            contiguity buffer's capacity.
-        buffer: this request and layer's persistent contiguity queue.
-
-    Returns:
-        the chosen events (similarity picks first, then neighbours) and ``(events,)``
-        float32 scores (``-inf`` where nothing is available).
-    """
-    count = available.numel()
-    owner = torch.zeros(count, dtype=torch.int32, device=reps.device)
-    scores = score_events(query[None], reps, owner, available)
-    bounds = torch.tensor([0, count], device=reps.device)
-    order, taken = select_within_budget(scores, available, bounds, budget - buffer.capacity)
-    return _with_neighbours(order[0][taken[0]].tolist(), available.tolist(), budget, buffer), scores
-
-
 def retrieve_layers(
     queries: torch.Tensor,
     reps: torch.Tensor,
@@ -90,16 +61,20 @@ def retrieve_layers(
     budget: int,
     buffers: list[ContiguityBuffer],
 ) -> tuple[list[list[int]], torch.Tensor]:
-    """:func:`retrieve` for several layers of one request in one scoring and one
-    selection call (the layers share the events and the budget).
+    """Events to attend for one or more layers of one request, best first, in one scoring
+    and one selection call (the layers share the events and the budget).
 
     Args:
         queries: ``[layers, num_heads, head_size]`` one scoring query per layer.
-        reps: ``[layers, events, num_heads, head_size]``.
-        buffers: the layers' contiguity queues (all of the same capacity).
+        reps: ``[layers, events, num_heads, head_size]`` representative keys.
+        available: ``(events,)`` attendable tokens of each event (0: never chosen).
+        budget: tokens of events attended per layer; similarity gets all of it but the
+            contiguity queue's capacity.
+        buffers: the layers' persistent contiguity queues (all of the same capacity).
 
     Returns:
-        per layer the chosen events, and ``[layers, events]`` scores.
+        per layer the chosen events (similarity picks first, then neighbours), and
+        ``[layers, events]`` float32 scores (``-inf`` where nothing is available).
     """
     layers, count = reps.shape[:2]
     scores = score_layer_events(queries, reps, available)
