@@ -31,9 +31,10 @@ def score_events_reference(query: torch.Tensor, reps: torch.Tensor, owner: torch
         ``(events,)`` float32 scores.
     """
     rows = query.shape[0]
-    flat = reps.reshape(reps.shape[0], -1).float()  # no copy for float32 representatives
+    # in the representatives' dtype: converting them would copy all of them
+    flat = reps.reshape(reps.shape[0], -1)
     # [events, rows]: one GEMM instead of gathering every event's query row
-    per_row = flat @ query.reshape(rows, -1).float().t()
+    per_row = (flat @ query.reshape(rows, -1).to(reps.dtype).t()).float()
     scores = per_row[:, 0] if rows == 1 else per_row.gather(1, owner.long()[:, None]).squeeze(1)
     return scores.masked_fill(available == 0, float("-inf"))
 
@@ -53,8 +54,10 @@ def score_layer_events_reference(query: torch.Tensor, reps: torch.Tensor, availa
     layers, events = reps.shape[:2]
     # [layers, 1, F] @ [layers, F, events]: on CPU this orientation is ~15x faster than
     # [layers, events, F] @ [layers, F, 1] (a batch of matrix-vector products)
-    scores = torch.bmm(query.reshape(layers, 1, -1).float(), reps.reshape(layers, events, -1).float().transpose(1, 2))
-    return scores.squeeze(1).masked_fill(available == 0, float("-inf"))
+    # in the representatives' dtype (a bfloat16 GEMM reads half the bytes; it
+    # accumulates in float32 and rounds the scores to bfloat16)
+    scores = torch.bmm(query.reshape(layers, 1, -1).to(reps.dtype), reps.reshape(layers, events, -1).transpose(1, 2))
+    return scores.squeeze(1).float().masked_fill(available == 0, float("-inf"))
 
 
 if triton is not None:

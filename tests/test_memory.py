@@ -25,8 +25,8 @@ def settings(**overrides):
         sink_tokens=8, window_tokens=64, retrieval_budget_tokens=4096, retrieval_interval=1, min_event_tokens=4,
         max_event_tokens=16, segmentation="surprise", surprise_gamma=0.5, surprise_window=32,
         contiguity_share=0.3, refinement=False, refinement_metric="modularity",
-        representatives_per_event=2, device_event_cache_tokens=8192, positions="exact",
-        host_memory_gib=16.0, host_memory_policy="evict",
+        representatives_per_event=2, representatives_dtype="float32", device_event_cache_tokens=8192,
+        positions="exact", host_memory_gib=16.0, host_memory_policy="evict",
     )
     values.update(overrides)
     return SimpleNamespace(**values)
@@ -245,6 +245,20 @@ def test_host_memory_cap_evicts_least_recently_retrieved_pages():
     assert store.keys[0] is not None  # the sinks' page stays
     dead = ~store.alive[: store.num_events]
     assert dead.any() and store.alive[: store.num_events].any()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_representatives_dtype_sets_their_bytes(dtype):
+    """Representatives are held in the configured dtype and counted exactly in the
+    host bytes: every held page of K/V plus every event's representatives."""
+    seq = Sequence(300)
+    _, memory = run(seq, settings(representatives_dtype=dtype, retrieval_budget_tokens=64), [100, 100, 100])
+    store = memory.requests["r"].store
+    assert store.reps.dtype == getattr(torch, dtype) and store.num_events > 0
+    pages = sum(page is not None for page in store.keys)
+    page_bytes = 2 * LAYERS * KV_HEADS * store.page_tokens * DIM * 4  # float32 K/V here
+    rep_bytes = LAYERS * HEADS * DIM * (4 if dtype == "float32" else 2)
+    assert store.nbytes == memory.host_bytes() == pages * page_bytes + store.num_events * rep_bytes
 
 
 def test_store_gathers_tokens_of_several_layers_at_once():

@@ -1,5 +1,6 @@
 """Retrieval: a planted key is found, neighbours join, the budget holds."""
 
+import pytest
 import torch
 
 from vllm_episodic.core.retrieval import ContiguityBuffer, retrieve_layers
@@ -19,12 +20,26 @@ def _events(num, heads=4, dim=32, seed=42):
     return reps, sizes
 
 
-def test_planted_key_is_retrieved():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_planted_key_is_retrieved(dtype):
     reps, sizes = _events(200)
     query = torch.randn(4, 32)
     reps[137] = query * 3  # the event whose keys match the query
-    chosen, scores = retrieve(query, reps, sizes, budget=600, buffer=ContiguityBuffer(180))
-    assert chosen[0] == 137 and int(scores.argmax()) == 137
+    chosen, scores = retrieve(query, reps.to(dtype), sizes, budget=600, buffer=ContiguityBuffer(180))
+    assert chosen[0] == 137 and int(scores.argmax()) == 137 and scores.dtype == torch.float32
+
+
+def test_bfloat16_scores_rank_events_as_float32_scores_do():
+    """Scoring bfloat16 representatives (the default) rounds each score to bfloat16:
+    the ranking stays that of float32 up to near-ties."""
+    reps, sizes = _events(2000, heads=9, dim=64)
+    query = torch.randn(9, 64)
+    _, exact = retrieve(query, reps, sizes, budget=600, buffer=ContiguityBuffer(0))
+    _, rounded = retrieve(query, reps.bfloat16(), sizes, budget=600, buffer=ContiguityBuffer(0))
+    # inputs and result rounded to 8 significant bits: errors ~1% of the largest score
+    torch.testing.assert_close(rounded, exact, rtol=0, atol=1e-2 * float(exact.abs().max()))
+    top = set(exact.topk(50).indices.tolist())
+    assert len(top & set(rounded.topk(50).indices.tolist())) >= 48
 
 
 def test_neighbours_are_added_and_persist():

@@ -76,7 +76,12 @@ class EpisodicConfig(BaseModel):
     """Graph metric the refinement optimises (modularity up, conductance down)."""
 
     representatives_per_event: int = Field(4, ge=1, le=64)
-    """Representative keys kept per event and KV head for similarity retrieval."""
+    """Tokens averaged into an event's representative key for each query head (the
+    tokens that head attends most): what similarity retrieval scores."""
+
+    representatives_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    """How representative keys are held and scored: ``bfloat16`` halves their host
+    memory and the bytes every retrieval reads; ``float32`` for exact scores."""
 
     device_event_cache_tokens: int | None = Field(None, ge=0, le=1 << 24)
     """Event tokens kept on the device per request: the retrieved ones plus an LRU reserve.

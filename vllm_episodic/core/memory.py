@@ -85,6 +85,7 @@ class Settings(Protocol):
     refinement: bool
     refinement_metric: str
     representatives_per_event: int
+    representatives_dtype: str
     device_event_cache_tokens: int
     positions: str
     host_memory_gib: float
@@ -312,7 +313,8 @@ class RequestMemory:
             events = list(zip(bounds[:-1], bounds[1:]))
         if self.store is None:
             m = self.shape
-            self.store = HostStore(m.num_layers, m.num_heads, m.num_kv_heads, m.head_size, m.dtype)
+            self.store = HostStore(m.num_layers, m.num_heads, m.num_kv_heads, m.head_size, m.dtype,
+                                   reps_dtype=getattr(torch, self.settings.representatives_dtype))
         return self.store.add_events(events)
 
     # ---- per layer ------------------------------------------------------------------
@@ -350,7 +352,7 @@ class RequestMemory:
             part = slice(first, first + group)
             self.store.reps[part, ids] = representatives(
                 obs[part], keys_rotated[part], keys[part], lengths, self.settings.representatives_per_event
-            )
+            ).to(self.store.reps.dtype)
 
     def select(self, layer: int, plan: RowPlan, query: torch.Tensor) -> dict[int, int]:
         """Events (and how many of their first tokens) this layer attends: exactly

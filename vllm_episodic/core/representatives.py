@@ -32,7 +32,7 @@ def representatives(
         top: tokens averaged per event and head.
 
     Returns:
-        ``[layers, k, num_heads, head_size]`` float32 (scoring reads them in float32).
+        ``[layers, k, num_heads, head_size]`` float32 (the store casts them to its dtype).
     """
     num_layers, num_events = keys.shape[0], int(lengths.numel())
     num_heads = obs_queries.shape[2]

@@ -4,7 +4,7 @@ events, and their representative keys.
 Token t lives in page ``t // page_tokens`` at offset ``t % page_tokens``::
 
     page keys, values  [num_layers, num_kv_heads, page_tokens, head_size]   un-rotated
-    reps               [num_layers, events, num_heads, head_size]           float32 (grows)
+    reps               [num_layers, events, num_heads, head_size]           reps_dtype (grows)
     starts, ends       [events]                                            token ranges
 
 Pages are allocated as tokens arrive (pinned on CUDA) and can be dropped one by one
@@ -32,6 +32,7 @@ class HostStore:
         page_tokens: int = PAGE_TOKENS,
         pin_memory: bool = False,
         reps_device: torch.device | str = "cpu",
+        reps_dtype: torch.dtype = torch.float32,
     ):
         self.shape = (num_layers, num_kv_heads, page_tokens, head_size)
         self.page_tokens = page_tokens
@@ -41,8 +42,8 @@ class HostStore:
         self.values: list[torch.Tensor | None] = []
         self.evicted: set[int] = set()
         self.page_last_use = torch.zeros(0, dtype=torch.long)
-        # float32: scoring reads them every step and accumulates in float32 anyway
-        self.reps = torch.empty((num_layers, 0, num_heads, head_size), dtype=torch.float32, device=reps_device)
+        # scoring reads all of them at every retrieval: their dtype sets its bytes
+        self.reps = torch.empty((num_layers, 0, num_heads, head_size), dtype=reps_dtype, device=reps_device)
         self.starts = torch.empty(0, dtype=torch.long)
         self.ends = torch.empty(0, dtype=torch.long)
         self.alive = torch.empty(0, dtype=torch.bool)
@@ -50,7 +51,7 @@ class HostStore:
         self.end_token = 0  # tokens [0, end_token) were written
         self.evicted_tokens = 0
         self._page_bytes = 2 * num_layers * num_kv_heads * page_tokens * head_size * dtype.itemsize
-        self._event_bytes = num_layers * num_heads * head_size * 4
+        self._event_bytes = num_layers * num_heads * head_size * reps_dtype.itemsize
 
     @property
     def nbytes(self) -> int:
