@@ -52,12 +52,20 @@ def score_layer_events_reference(query: torch.Tensor, reps: torch.Tensor, availa
         with one batch row per layer.
     """
     layers, events = reps.shape[:2]
-    # [layers, 1, F] @ [layers, F, events]: on CPU this orientation is ~15x faster than
-    # [layers, events, F] @ [layers, F, 1] (a batch of matrix-vector products)
-    # in the representatives' dtype (a bfloat16 GEMM reads half the bytes; it
-    # accumulates in float32 and rounds the scores to bfloat16)
-    scores = torch.bmm(query.reshape(layers, 1, -1).to(reps.dtype), reps.reshape(layers, events, -1).transpose(1, 2))
-    return scores.squeeze(1).float().masked_fill(available == 0, float("-inf"))
+    # in the representatives' dtype: bfloat16 reads half the bytes (oneDNN accumulates
+    # in float32 and rounds each score to bfloat16)
+    flat, q = reps.reshape(layers, events, -1), query.reshape(layers, 1, -1).to(reps.dtype)
+    if reps.dtype == torch.float32:
+        # [layers, events, F] @ [layers, F, 1] with the query as a transposed view: 3.4 ms
+        # for 30 x 2,300 x 576 on this CPU, against 5.0 for [layers, 1, F] @
+        # [layers, F, events] and 14.9 with a contiguous [layers, F, 1] query
+        scores = torch.bmm(flat, q.transpose(1, 2)).squeeze(2)
+    else:
+        # reps are a slice of the store's growing buffer, and a bfloat16 bmm over
+        # matrices at a stride other than their size takes a slow path (36.7 ms for the
+        # shape above): one GEMM per layer takes 3.1 ms
+        scores = torch.cat([q[i] @ flat[i].t() for i in range(layers)])
+    return scores.float().masked_fill(available == 0, float("-inf"))
 
 
 if triton is not None:
