@@ -24,7 +24,7 @@ def settings(**overrides):
     values = dict(
         sink_tokens=8, window_tokens=64, retrieval_budget_tokens=4096, retrieval_interval=1, min_event_tokens=4,
         max_event_tokens=16, segmentation="surprise", surprise_gamma=0.5, surprise_window=32,
-        contiguity_share=0.3, refinement=False, refinement_metric="modularity",
+        contiguity_share=0.3, prefill_query_tokens=0, refinement=False, refinement_metric="modularity",
         representatives_per_event=2, representatives_dtype="float32", device_event_cache_tokens=8192,
         positions="exact", host_memory_gib=16.0, host_memory_policy="evict",
     )
@@ -184,6 +184,30 @@ def test_selection_fills_the_budget_exactly_before_the_local_part():
     memory.release(["r"])
     assert memory.requests == {} and memory.stats.get("host_bytes") == 0
     assert memory.stats.get("requests_tracked") == 0
+
+
+def test_prefill_chunk_scores_with_its_last_queries_when_asked():
+    """prefill_query_tokens=k: a prefill chunk retrieves as its last k queries alone
+    would, whatever the chunk's earlier queries point at."""
+    seq = Sequence(700)
+    chunk = slice(600, 640)
+    # earlier queries of the chunk that would dominate its mean
+    loud = seq.q[0][chunk].clone()
+    loud[:-4] = 1000 * torch.randn(1, HEADS, DIM, generator=torch.Generator().manual_seed(3))
+    chosen = {}
+    for last in (0, 4):
+        config = settings(retrieval_budget_tokens=64, prefill_query_tokens=last)
+        _, memory = run(seq, config, [600])
+        (plan,) = memory.plan_step([BatchRow("r", 600, 40, capacity=700)])
+        assert plan.refresh and plan.everything is None
+        request = memory.requests["r"]
+        chosen[last] = request.select(0, plan, loud)
+        # the same memory, scoring only the chunk's last 4 queries
+        _, alone = run(seq, settings(retrieval_budget_tokens=64), [600])
+        (own,) = alone.plan_step([BatchRow("r", 636, 4, capacity=700)])
+        own.score_angles = plan.score_angles[-4:]
+        tail = alone.requests["r"].select(0, own, loud[-4:])
+        assert (chosen[last] == tail) == (last == 4)
 
 
 def test_retrieval_interval_keeps_a_layers_selection_between_retrievals():

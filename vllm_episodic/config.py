@@ -66,6 +66,11 @@ class EpisodicConfig(BaseModel):
     attends the events it last retrieved, so its device cache is not rewritten; prefill
     chunks always retrieve."""
 
+    prefill_query_tokens: int = Field(0, ge=0, le=1 << 20)
+    """A prefill chunk scores events by the mean of its last this many queries (0: all
+    of the chunk's queries, InfLLM's choice). The chunk's last tokens are the ones the
+    next token (the first generated one, after the prompt's last chunk) follows from."""
+
     contiguity_share: float = Field(0.3, ge=0.0, lt=1.0)
     """Share of the retrieval budget given to temporal neighbours of retrieved events."""
 

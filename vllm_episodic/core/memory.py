@@ -82,6 +82,7 @@ class Settings(Protocol):
     surprise_gamma: float
     surprise_window: int
     contiguity_share: float
+    prefill_query_tokens: int
     refinement: bool
     refinement_metric: str
     representatives_per_event: int
@@ -371,8 +372,10 @@ class RequestMemory:
         if not plan.refresh and kept is not None and kept[0] == (budget, plan.frame, plan.anchor):
             return kept[1]
         available = plan.available
-        # the query as seen from memory at distance `window` (un-rotated keys at 0)
-        q_score = self.rope.apply(query, *plan.score_angles).mean(0)
+        # the queries as seen from memory at distance `window` (un-rotated keys at 0)
+        last = self.settings.prefill_query_tokens or query.shape[0]
+        cos, sin = plan.score_angles
+        q_score = self.rope.apply(query[-last:], cos[-last:], sin[-last:]).mean(0)
         picked, scores = retrieve_layers(q_score[None], store.reps[layer : layer + 1, : available.numel()],
                                          available, budget, [self.contiguity[layer]])
         return self._settle([layer], plan, picked, scores)[0]
