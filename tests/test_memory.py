@@ -194,20 +194,17 @@ def test_prefill_chunk_scores_with_its_last_queries_when_asked():
     # earlier queries of the chunk that would dominate its mean
     loud = seq.q[0][chunk].clone()
     loud[:-4] = 1000 * torch.randn(1, HEADS, DIM, generator=torch.Generator().manual_seed(3))
-    chosen = {}
+    # the same memory retrieving for the chunk's last 4 queries alone
+    _, alone = run(seq, settings(retrieval_budget_tokens=64), [600])
+    (own,) = alone.plan_step([BatchRow("r", 636, 4, capacity=700)])
+    tail = alone.requests["r"].select(0, own, loud[-4:])
     for last in (0, 4):
         config = settings(retrieval_budget_tokens=64, prefill_query_tokens=last)
         _, memory = run(seq, config, [600])
         (plan,) = memory.plan_step([BatchRow("r", 600, 40, capacity=700)])
         assert plan.refresh and plan.everything is None
-        request = memory.requests["r"]
-        chosen[last] = request.select(0, plan, loud)
-        # the same memory, scoring only the chunk's last 4 queries
-        _, alone = run(seq, settings(retrieval_budget_tokens=64), [600])
-        (own,) = alone.plan_step([BatchRow("r", 636, 4, capacity=700)])
-        own.score_angles = plan.score_angles[-4:]
-        tail = alone.requests["r"].select(0, own, loud[-4:])
-        assert (chosen[last] == tail) == (last == 4)
+        chosen = memory.requests["r"].select(0, plan, loud)
+        assert (chosen == tail) == (last == 4)
 
 
 def test_retrieval_interval_keeps_a_layers_selection_between_retrievals():

@@ -170,7 +170,8 @@ class RowPlan:
     available: torch.Tensor | None = None
     """(events,) tokens of each event that memory may attend this step (shared by layers)"""
     score_angles: tuple[torch.Tensor, torch.Tensor] | None = None
-    """RoPE angles that put this step's queries ``window`` tokens after memory (scoring)"""
+    """RoPE angles that put the step's scoring queries (its last ``prefill_query_tokens``,
+    or all) ``window`` tokens after memory, one row per scoring query"""
     everything: dict[int, int] | None = None
     """when all of memory fits the budget: every event (and its available tokens)"""
     refresh: bool = True
@@ -372,10 +373,9 @@ class RequestMemory:
         if not plan.refresh and kept is not None and kept[0] == (budget, plan.frame, plan.anchor):
             return kept[1]
         available = plan.available
-        # the queries as seen from memory at distance `window` (un-rotated keys at 0)
-        last = self.settings.prefill_query_tokens or query.shape[0]
+        # the scoring queries as seen from memory at distance `window` (un-rotated keys at 0)
         cos, sin = plan.score_angles
-        q_score = self.rope.apply(query[-last:], cos[-last:], sin[-last:]).mean(0)
+        q_score = self.rope.apply(query[-cos.shape[0]:], cos, sin).mean(0)
         picked, scores = retrieve_layers(q_score[None], store.reps[layer : layer + 1, : available.numel()],
                                          available, budget, [self.contiguity[layer]])
         return self._settle([layer], plan, picked, scores)[0]
@@ -640,7 +640,8 @@ class EpisodicMemory:
         if int(plan.available.sum()) <= plan.memory_tokens:
             plan.everything = {e: n for e, n in enumerate(plan.available.tolist()) if n > 0}
         else:
-            plan.score_angles = self.rope.angles(self.settings.window_tokens - plan.query_positions)
+            scoring = plan.query_positions[-self.settings.prefill_query_tokens:]
+            plan.score_angles = self.rope.angles(self.settings.window_tokens - scoring)
 
     def end_step(self, plans: list[RowPlan], read_tokens: TokenReader) -> None:
         """Cut the tokens that left each row's window into events and store them."""
