@@ -57,10 +57,11 @@ def instrument() -> None:
 
     timing(memory.EpisodicMemory, "plan_step", "plan")
     # prefill chunks retrieve inside each layer (fill_cache = select + slot fill); decode
-    # steps retrieve for all layers before them (select_ahead = select_layers + slot fill)
+    # steps retrieve for every layer of every row before the layers run (the runtime's
+    # select_ahead = the memory's select_ahead + each row's slot fill)
     timing(memory.RequestMemory, "select", "select")
     timing(runtime.WorkerRuntime, "fill_cache", "fill_cache")
-    timing(memory.RequestMemory, "select_layers", "select_layers")
+    timing(runtime, "select_ahead", "select_layers")
     timing(runtime.WorkerRuntime, "select_ahead", "select_ahead")
     timing(cpu_backend.EpisodicCPUImpl, "forward", "attention layer")
     timing(runtime, "token_surprise", "surprise")

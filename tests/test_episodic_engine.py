@@ -16,9 +16,12 @@ from vllm_episodic.workloads import filler_text
 
 pytestmark = pytest.mark.engine
 
+# float32 representatives: bfloat16 scores round float noise between the op and the
+# torch reference into different near-ties, and so into different fill events
 SMALL = {
     "sink_tokens": 64, "window_tokens": 256, "retrieval_budget_tokens": 256,
     "min_event_tokens": 8, "max_event_tokens": 64, "device_event_cache_tokens": 512,
+    "representatives_dtype": "float32",
 }
 
 
@@ -76,15 +79,15 @@ def test_surprise_matches_transformers(make_llm, model_dir):
 def test_assembled_attention_equals_the_torch_reference(episodic, make_llm, monkeypatch):
     """The platform op over assembled block tables computes what the torch reference
     computes (same retrieval, same positions), in both position frames. Decode steps
-    retrieve for all layers ahead of them (one gather fills every layer's slots)."""
+    retrieve for all layers of all rows ahead of them, in one call (one gather then fills
+    each row's slots for every layer)."""
     from vllm import SamplingParams
 
-    from vllm_episodic.core.memory import RequestMemory
+    from vllm_episodic.integration import runtime
 
     ahead = []
-    select_layers = RequestMemory.select_layers
-    monkeypatch.setattr(RequestMemory, "select_layers",
-                        lambda self, plan: ahead.append(plan.num_computed) or select_layers(self, plan))
+    select_ahead = runtime.select_ahead
+    monkeypatch.setattr(runtime, "select_ahead", lambda plans: ahead.append(len(plans)) or select_ahead(plans))
 
     params = SamplingParams(temperature=0.0, max_tokens=8, logprobs=0, ignore_eos=True)
     prompts = [_prompt(2400, seed=21), _prompt(1800, seed=22)]
@@ -103,7 +106,8 @@ def test_assembled_attention_equals_the_torch_reference(episodic, make_llm, monk
             assert ta == tb and abs(la.logprob - lb.logprob) < 2e-3
     stats = runtime_of(episodic).stats
     assert stats.get("events_created") > 0 and stats.get("device_cache_misses") > 0
-    assert len(ahead) >= 2 * 2 * 6  # both engines, both prompts, (nearly) every decode step
+    # both engines, (nearly) every decode step; once both prompts decode, their rows in one call
+    assert len(ahead) >= 2 * 2 * 6 - 2 * ahead.count(2) and ahead.count(2) >= 2 * 2
 
 
 def test_host_store_holds_the_models_keys_and_values(episodic, model_dir):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from vllm_episodic.core.attention import attention_with_lse
-from vllm_episodic.core.memory import BatchRow, EpisodicMemory, ModelShape
+from vllm_episodic.core.memory import BatchRow, EpisodicMemory, ModelShape, select_ahead
 from vllm_episodic.core.rope import Rope, rope_table
 from vllm_episodic.metrics import Stats
 
@@ -147,12 +147,24 @@ def test_consecutive_events_form_runs_in_the_bounded_frame():
     size = lambda e: int(store.ends[e]) - int(store.starts[e])  # noqa: E731
     # events 2, 3, 4 whole (one run), 6 cut (its own run), 7 and 8 whole (a run after 6's gap)
     selection = {2: size(2), 3: size(3), 4: size(4), 6: size(6) - 1, 7: size(7), 8: size(8)}
-    placed = request.placed(0, selection, "bounded")
     end = lambda e: int(store.ends[e])  # noqa: E731
-    assert placed == {(2, end(4) - end(2)): size(2), (3, end(4) - end(3)): size(3), (4, 0): size(4),
-                      (6, 0): size(6) - 1, (7, end(8) - end(7)): size(7), (8, 0): size(8)}
-    assert request.placed(0, selection, "bounded") is placed  # the same selection: no work
-    assert set(request.placed(0, selection, "exact")) == {(e, 0) for e in selection}
+    run_end = {2: end(4), 3: end(4), 4: end(4), 6: end(6), 7: end(8), 8: end(8)}
+    # another layer's events in the same call (1 whole, then 9 onwards) start no run of this one's
+    total, other = sum(selection.values()) - size(1), {1: size(1)}
+    for e in range(9, store.num_events):
+        other[e] = min(size(e), total)
+        total -= other[e]
+        if total == 0:
+            break
+    for layers, selections in (([0], [selection]), ([1, 0], [other, selection])):
+        codes = request.token_codes(layers, selections, "bounded")[-1]
+        position, back = codes // request.code_span, codes % request.code_span
+        event = torch.searchsorted(store.ends[: store.num_events], position, right=True)
+        assert torch.equal(back, torch.tensor([run_end[e] for e in event.tolist()]) - 1 - position)
+    exact = request.token_codes([0], [selection], "exact")[0]
+    assert set((exact // request.code_span).tolist()) == {
+        p for e, n in selection.items() for p in range(int(store.starts[e]), int(store.starts[e]) + n)}
+    assert not (exact % request.code_span).any()
     # the rotation the keys get: a run's tokens sit at consecutive positions ending at the anchor
     anchor = 1000
     codes = request.token_codes([0], [selection], "bounded")[0]
@@ -316,7 +328,7 @@ def test_decode_retrieval_ahead_of_the_layers_equals_each_layers_own_retrieval()
     for layer in range(LAYERS):
         request.note_query(layer, seq.q[layer][600], 600)
     assert request.can_select_ahead(plan)
-    selections = request.select_layers(plan)
+    (selections,) = select_ahead([plan])
     assert plan.selected_ahead and not plan.refresh
     (own,) = alone.plan_step([BatchRow("r", 601, 1, capacity=700)])
     # the previous token's query, seen from memory as select() sees the step's own query
@@ -329,6 +341,36 @@ def test_decode_retrieval_ahead_of_the_layers_equals_each_layers_own_retrieval()
     # without the previous token's queries (here: a stale position) each layer retrieves itself
     (later,) = ahead.plan_step([BatchRow("r", 602, 1, capacity=700)])
     assert not request.can_select_ahead(later)
+
+
+def test_decode_retrieval_of_several_requests_in_one_call_equals_each_alone():
+    """Decode rows of requests of different lengths retrieve in one call (one row per
+    request and layer): each gets the selections and contiguity queues it gets alone,
+    over several retrievals."""
+    config = settings(retrieval_budget_tokens=96, positions="bounded")
+    lengths = (600, 450)
+    sequences = [Sequence(700, seed=seed) for seed in (1, 2)]
+    batched = [run(seq, config, [n])[1] for seq, n in zip(sequences, lengths)]
+    alone = [run(seq, config, [n])[1] for seq, n in zip(sequences, lengths)]
+    assert batched[0].requests["r"].store.num_events != batched[1].requests["r"].store.num_events
+    for step in range(3):
+        plans = {}
+        for name, memories in (("batched", batched), ("alone", alone)):
+            plans[name] = []
+            for memory, seq, n in zip(memories, sequences, lengths):
+                position = n + step
+                (plan,) = memory.plan_step([BatchRow("r", position, 1, capacity=700)])
+                for layer in range(LAYERS):
+                    memory.requests["r"].note_query(layer, seq.q[layer][position - 1], position - 1)
+                assert memory.requests["r"].can_select_ahead(plan)
+                plans[name].append(plan)
+        together = select_ahead(plans["batched"])
+        for plan, got in zip(plans["alone"], together):
+            (want,) = select_ahead([plan])
+            assert got == want and all(sum(s.values()) == 96 for s in got)
+        for a, b in zip(batched, alone):
+            queues = [[[e for e in row if e >= 0] for row in m.requests["r"].contiguity.tolist()] for m in (a, b)]
+            assert queues[0] == queues[1] and any(queues[0])
 
 
 def test_code_keys_of_several_layers_in_one_gather():

@@ -1,16 +1,29 @@
-"""Retrieval: a planted key is found, neighbours join, the budget holds."""
+"""Retrieval: a planted key is found, neighbours join, the budget holds, and the
+batched tensor version makes the choices the rules describe, row by row."""
+
+import random
 
 import pytest
 import torch
 
-from vllm_episodic.core.retrieval import ContiguityBuffer, retrieve_layers
-from vllm_episodic.kernels import select_within_budget
+from vllm_episodic.core.retrieval import empty_queues, fill_budget, greedy_fit, most_events, retrieve, stack_queues
+from vllm_episodic.kernels import score_layer_events, select_within_budget
 
 
-def retrieve(query, reps, available, budget, buffer):
+class Queue:
+    """One row's contiguity queue in a test: ``events [1, width]`` carried across steps."""
+
+    def __init__(self, capacity_tokens):
+        self.capacity = capacity_tokens
+        self.events = empty_queues(1)
+
+
+def retrieve_one(query, reps, available, budget, buffer):
     """One layer's retrieval: chosen events and ``(events,)`` scores."""
-    picked, scores = retrieve_layers(query[None], reps[None], available, budget, [buffer])
-    return picked[0], scores[0]
+    scores = score_layer_events(query[None], reps[None], available)
+    chosen, buffer.events = retrieve(scores, available[None], torch.tensor([budget]), buffer.events,
+                                     buffer.capacity)
+    return [e for e in chosen[0].tolist() if e >= 0], scores[0]
 
 
 def _events(num, heads=4, dim=32, seed=42):
@@ -25,7 +38,7 @@ def test_planted_key_is_retrieved(dtype):
     reps, sizes = _events(200)
     query = torch.randn(4, 32)
     reps[137] = query * 3  # the event whose keys match the query
-    chosen, scores = retrieve(query, reps.to(dtype), sizes, budget=600, buffer=ContiguityBuffer(180))
+    chosen, scores = retrieve_one(query, reps.to(dtype), sizes, budget=600, buffer=Queue(180))
     assert chosen[0] == 137 and int(scores.argmax()) == 137 and scores.dtype == torch.float32
 
 
@@ -34,8 +47,8 @@ def test_bfloat16_scores_rank_events_as_float32_scores_do():
     the ranking stays that of float32 up to near-ties."""
     reps, sizes = _events(2000, heads=9, dim=64)
     query = torch.randn(9, 64)
-    _, exact = retrieve(query, reps, sizes, budget=600, buffer=ContiguityBuffer(0))
-    _, rounded = retrieve(query, reps.bfloat16(), sizes, budget=600, buffer=ContiguityBuffer(0))
+    _, exact = retrieve_one(query, reps, sizes, budget=600, buffer=Queue(0))
+    _, rounded = retrieve_one(query, reps.bfloat16(), sizes, budget=600, buffer=Queue(0))
     # inputs and result rounded to 8 significant bits: errors ~1% of the largest score
     torch.testing.assert_close(rounded, exact, rtol=0, atol=1e-2 * float(exact.abs().max()))
     top = set(exact.topk(50).indices.tolist())
@@ -45,18 +58,18 @@ def test_bfloat16_scores_rank_events_as_float32_scores_do():
 def test_neighbours_are_added_and_persist():
     reps, sizes = _events(100)
     sizes[:] = 16
-    buffer = ContiguityBuffer(capacity_tokens=64)
+    buffer = Queue(capacity_tokens=64)
     query = torch.randn(4, 32)
     reps[40] = query * 5
     # similarity takes one event (16 tokens), the queue holds four neighbours
-    first, _ = retrieve(query, reps, sizes, 80, buffer)
+    first, _ = retrieve_one(query, reps, sizes, 80, buffer)
     assert first[0] == 40 and {39, 41} <= set(first)
     # the next step prefers event 70: 39/41 stay in the queue while there is room
     reps[40] = -query * 5
     reps[70] = query * 5
-    second, _ = retrieve(query, reps, sizes, 80, buffer)
+    second, _ = retrieve_one(query, reps, sizes, 80, buffer)
     assert set(second) == {39, 41, 69, 70, 71}
-    third, _ = retrieve(query, reps, sizes, 80, buffer)
+    third, _ = retrieve_one(query, reps, sizes, 80, buffer)
     assert set(third) == {39, 41, 69, 70, 71}  # nothing new: the queue keeps its events
 
 
@@ -67,9 +80,9 @@ def test_budget_respected_and_unavailable_events_never_chosen():
     for seed in range(5):
         torch.manual_seed(seed)
         query = torch.randn(4, 32)
-        buffer = ContiguityBuffer(300)
+        buffer = Queue(300)
         for _ in range(3):
-            chosen, scores = retrieve(query, reps, available, 1000, buffer)
+            chosen, scores = retrieve_one(query, reps, available, 1000, buffer)
             assert len(set(chosen)) == len(chosen)
             assert int(available[chosen].sum()) <= 1000
             assert all(e % 7 for e in chosen) and torch.isinf(scores[::7]).all()
@@ -85,22 +98,93 @@ def test_budget_selection_is_a_score_ordered_prefix():
         assert order[0][taken[0]].tolist() == want
 
 
-def test_layers_retrieved_together_match_layers_retrieved_one_by_one():
-    """One scoring and selection call for all layers chooses for each layer what a call
-    for that layer alone chooses, and moves each layer's contiguity queue the same way."""
-    torch.manual_seed(7)
-    layers, num = 4, 120
-    reps = torch.randn(layers, num, 4, 32)
-    sizes = torch.randint(8, 65, (num,))
-    sizes[::9] = 0  # unavailable events
-    alone = [ContiguityBuffer(150) for _ in range(layers)]
-    together = [ContiguityBuffer(150) for _ in range(layers)]
-    for step in range(3):  # the queues persist across steps
-        queries = torch.randn(layers, 4, 32)
-        picked, scores = retrieve_layers(queries, reps, sizes, 500, together)
-        for layer in range(layers):
-            want, want_scores = retrieve(queries[layer], reps[layer], sizes, 500, alone[layer])
-            assert picked[layer] == want, (step, layer)
-            torch.testing.assert_close(scores[layer], want_scores)
-            assert list(together[layer].events) == list(alone[layer].events)
-            assert sum(int(sizes[e]) for e in picked[layer]) <= 500
+class RulesByHand:
+    """The retrieval rules of :mod:`vllm_episodic.core.retrieval` for one row, written
+    out event by event in plain Python."""
+
+    def __init__(self, capacity):
+        self.capacity, self.queue = capacity, []
+
+    def step(self, scores, sizes, budget):
+        ranked = sorted((e for e in range(len(scores)) if sizes[e] > 0 and scores[e] > float("-inf")),
+                        key=lambda e: -scores[e])
+        top, used = [], 0
+        for e in ranked:  # similarity: a prefix of the ranking
+            if used + sizes[e] > max(budget - self.capacity, 0):
+                break
+            top.append(e)
+            used += sizes[e]
+        if self.capacity > 0:
+            seen, fresh = set(top), []
+            for e in top:
+                for n in (e + 1, e - 1):
+                    if 0 <= n < len(scores) and n not in seen:
+                        seen.add(n)
+                        fresh.append(n)
+            queue, held = [], 0
+            for e in fresh + [e for e in self.queue if e not in seen and e < len(scores)]:
+                if sizes[e] > 0 and held + sizes[e] <= self.capacity:
+                    queue.append(e)
+                    held += sizes[e]
+            self.queue = queue
+            for e in queue:
+                if used + sizes[e] <= budget:
+                    top.append(e)
+                    used += sizes[e]
+        selection = {e: sizes[e] for e in top}
+        for e in sorted((e for e in range(len(scores)) if sizes[e] > 0 and e not in selection),
+                        key=lambda e: scores[e]):
+            if used >= budget:
+                break
+            selection[e] = min(sizes[e], budget - used)
+            used += selection[e]
+        return top, selection
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_batched_retrieval_follows_the_rules_row_by_row(seed):
+    """Rows of different lengths, budgets and queues, over several steps (the queues
+    persist): every row chooses what the rules written out by hand choose, whether the
+    rankings are read in full or only as deep as the budgets can need."""
+    rng = random.Random(seed)
+    counts = [rng.randint(5, 60) for _ in range(5)]
+    capacity = rng.choice([0, 40, 90])
+    hands = [RulesByHand(capacity) for _ in counts]
+    queues = empty_queues(len(counts))
+    width = max(counts)
+    for _ in range(4):
+        sizes = torch.zeros(len(counts), width, dtype=torch.long)
+        scores = torch.full((len(counts), width), float("-inf"))
+        for row, count in enumerate(counts):
+            sizes[row, :count] = torch.tensor([rng.choice([0, rng.randint(1, 40)]) for _ in range(count)])
+            scores[row, :count] = torch.randn(count, generator=torch.Generator().manual_seed(rng.randrange(999)))
+        scores = scores.masked_fill(sizes == 0, float("-inf"))
+        budget = torch.tensor([rng.randint(0, 300) for _ in counts])
+        budget = torch.minimum(budget, sizes.sum(1))  # fill_budget fills exactly: never more than exists
+        most = None if seed % 2 else max(most_events(z, int(b)) for z, b in zip(sizes, budget))
+        chosen, queues = retrieve(scores, sizes, budget, queues, capacity, most)
+        selections, events = fill_budget(chosen, scores, sizes, budget, most)
+        for row, hand in enumerate(hands):
+            want_top, want = hand.step(scores[row].tolist(), sizes[row].tolist(), int(budget[row]))
+            assert [e for e in chosen[row].tolist() if e >= 0] == want_top
+            assert [e for e in queues[row].tolist() if e >= 0] == hand.queue
+            assert selections[row] == want and list(selections[row]) == list(want)
+            assert sum(selections[row].values()) == int(budget[row])
+            assert sorted(e for e in events[row].tolist() if e >= 0) == sorted(want)
+
+
+def test_most_events_bounds_how_many_events_fit():
+    sizes = torch.tensor([40, 0, 5, 12, 7, 100])
+    assert most_events(sizes, 23) == 3  # 5 + 7 + 12 = 24 > 23: two fit, plus one
+    assert most_events(sizes, 24) == 4 and most_events(sizes, 1000) == 6
+
+
+def test_greedy_fit_skips_what_does_not_fit_and_goes_on():
+    sizes = torch.tensor([[30, 50, 10, 0, 20], [5, 5, 5, 5, 5]])
+    taken = greedy_fit(sizes, torch.tensor([60, 12]))
+    assert taken.tolist() == [[True, False, True, False, True], [True, True, False, False, False]]
+
+
+def test_queues_of_different_widths_stack():
+    a, b = torch.tensor([[3, 4, -1]]), torch.tensor([[7], [8]])
+    assert stack_queues([a, b]).tolist() == [[3, 4, -1], [7, -1, -1], [8, -1, -1]]

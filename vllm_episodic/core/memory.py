@@ -45,6 +45,7 @@ local part is attended as is (exact relative distances). Memory keys are rotated
 from __future__ import annotations
 
 from collections.abc import Callable
+from itertools import chain
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -54,11 +55,11 @@ from vllm_episodic.core.attention import attention_with_lse, merge_partials
 from vllm_episodic.core.event_cache import SlotTable
 from vllm_episodic.core.refinement import key_similarity, refine_boundaries
 from vllm_episodic.core.representatives import representatives
-from vllm_episodic.core.retrieval import ContiguityBuffer, retrieve_layers
+from vllm_episodic.core.retrieval import empty_queues, fill_budget, most_events, retrieve, stack_queues
 from vllm_episodic.core.rope import Rope
 from vllm_episodic.core.segmentation import Segmenter
 from vllm_episodic.core.store import HostStore
-from vllm_episodic.kernels import gather_rotate
+from vllm_episodic.kernels import gather_rotate, score_layer_events
 from vllm_episodic.metrics import Stats
 
 #: recent queries per layer that decide an event's representatives
@@ -213,7 +214,8 @@ class RequestMemory:
     next token once it is known"""
     surprise: torch.Tensor = field(init=False)
     segmenter: Segmenter = field(init=False)
-    contiguity: list[ContiguityBuffer] = field(init=False)
+    contiguity: torch.Tensor = field(init=False)
+    """``[num_layers, width]`` each layer's contiguity queue, -1 padded (:mod:`.retrieval`)"""
     observations: list[torch.Tensor | None] = field(init=False)
     slots: SlotTable = field(init=False)
     """the device event cache's slots, every layer (engine-side)"""
@@ -223,8 +225,6 @@ class RequestMemory:
     """per layer: the rotation the sink tokens in the paged cache have (engine-side)"""
     retained: list[tuple | None] = field(init=False)
     """per layer: ((budget, frame, anchor), selection) of the last retrieval"""
-    placements: list[tuple | None] = field(init=False)
-    """per layer: (selection, frame, placed) of the last :meth:`placed`"""
     engine_state: dict = field(default_factory=dict)
     """what the engine adapter keeps per request (freed with it)"""
     last_queries: torch.Tensor | None = None
@@ -240,15 +240,13 @@ class RequestMemory:
             self.layout.sinks, s.min_event_tokens, s.max_event_tokens, s.segmentation,
             window=s.surprise_window, gamma=s.surprise_gamma,
         )
-        contiguity_tokens = int(s.contiguity_share * self.layout.max_memory)
-        self.contiguity = [ContiguityBuffer(contiguity_tokens) for _ in range(self.shape.num_layers)]
+        self.contiguity = empty_queues(self.shape.num_layers)
         self.observations = [None] * self.shape.num_layers
         self._ring_next = [0] * self.shape.num_layers
         self.slots = SlotTable(self.shape.num_layers)
         self.filled = [None] * self.shape.num_layers
         self.sink_state = [("natural", None)] * self.shape.num_layers
         self.retained = [None] * self.shape.num_layers
-        self.placements = [None] * self.shape.num_layers
         self.last_query_noted = [-1] * self.shape.num_layers
 
     @property
@@ -376,13 +374,12 @@ class RequestMemory:
         # the scoring queries as seen from memory at distance `window` (un-rotated keys at 0)
         cos, sin = plan.score_angles
         q_score = self.rope.apply(query[-cos.shape[0]:], cos, sin).mean(0)
-        picked, scores = retrieve_layers(q_score[None], store.reps[layer : layer + 1, : available.numel()],
-                                         available, budget, [self.contiguity[layer]])
-        return self._settle([layer], plan, picked, scores)[0]
+        scores = score_layer_events(q_score[None], store.reps[layer : layer + 1, : available.numel()], available)
+        return retrieve_rows([(self, [layer], plan, scores)])[0][0]
 
     def note_query(self, layer: int, query: torch.Tensor, position: int) -> None:
         """Keep ``query [num_heads, head_size]``, the layer's query at ``position``: the
-        next decode step retrieves for every layer at once from these (:meth:`select_layers`)."""
+        next decode step retrieves for every layer at once from these (:func:`select_ahead`)."""
         if self.last_queries is None:
             self.last_queries = query.new_empty((self.shape.num_layers, *query.shape))
         self.last_queries[layer].copy_(query)
@@ -395,82 +392,26 @@ class RequestMemory:
                 and plan.memory_tokens > 0 and self.last_queries is not None
                 and all(p == plan.num_computed - 1 for p in self.last_query_noted))
 
-    def select_layers(self, plan: RowPlan) -> list[dict[int, int]]:
-        """Every layer's selection for a decode step, before the layers run, from the
-        queries of the previous token (one scoring and one selection call for all layers).
-
-        A decode step keeps its selection for ``retrieval_interval`` steps anyway; scoring
-        with the previous token's queries ages it by one more step, and lets the whole
-        step's retrieval and slot filling happen in a few batched calls.
-        """
+    def score_ahead(self, plan: RowPlan) -> torch.Tensor:
+        """``[num_layers, events]`` every layer's event scores for a decode step, from the
+        queries of the previous token (one batched scoring call for all layers)."""
         available = plan.available
-        count = available.numel()
         angles = self.rope.angles(torch.tensor([self.settings.window_tokens - plan.num_computed + 1]))
         queries = self.rope.apply(self.last_queries, *angles)
-        picked, scores = retrieve_layers(queries, self.store.reps[:, :count], available, plan.memory_tokens,
-                                         self.contiguity)
-        plan.refresh, plan.selected_ahead = False, True
-        return self._settle(range(self.shape.num_layers), plan, picked, scores)
+        return score_layer_events(queries, self.store.reps[:, : available.numel()], available)
 
-    def _settle(self, layers, plan: RowPlan, picked: list[list[int]], scores: torch.Tensor) -> list[dict[int, int]]:
-        """Fill each layer's budget exactly: after the retrieved events, the least relevant
-        ones, the last one cut (a cut never falls into an event that matters). Records
-        the selections for the steps that do not retrieve.
+    def _store_queues(self, layers: list[int], queues: torch.Tensor) -> None:
+        """Keep the new contiguity queues ``[len(layers), width]`` of these layers."""
+        width = max(self.contiguity.shape[1], queues.shape[1])
+        pad = torch.nn.functional.pad
+        self.contiguity = pad(self.contiguity, (0, width - self.contiguity.shape[1]), value=-1)
+        self.contiguity[layers] = pad(queues, (0, width - queues.shape[1]), value=-1)
 
-        Args:
-            picked: per layer, the retrieved events (best first).
-            scores: ``[layers, events]`` the events' scores.
-        """
-        available, budget = plan.available, plan.memory_tokens
-        sizes = available.tolist()
-        chosen = [{e: sizes[e] for e in events} for events in picked]
-        missing = [budget - sum(c.values()) for c in chosen]
-        if max(missing) > 0:
-            # only as many of the least relevant as can be needed (a partial sort)
-            present = [n for n in sizes if n > 0]
-            smallest = min(present) if present else 1
-            k = min(len(sizes), max(missing) // smallest + 1 + max(map(len, chosen)))
-            masked = scores.masked_fill(available == 0, float("inf"))
-            least = torch.topk(masked, k, dim=1, largest=False).indices.tolist()
-            for selection, short, order in zip(chosen, missing, least):
-                for e in order:
-                    if short <= 0:
-                        break
-                    if e in selection or sizes[e] == 0:
-                        continue
-                    selection[e] = min(sizes[e], short)
-                    short -= selection[e]
-        key = (budget, plan.frame, plan.anchor)
-        for layer, selection in zip(layers, chosen):
+    def _keep(self, layers: list[int], plan: RowPlan, selections: list[dict[int, int]]) -> None:
+        """Record the layers' selections for the steps that do not retrieve."""
+        key = (plan.memory_tokens, plan.frame, plan.anchor)
+        for layer, selection in zip(layers, selections):
             self.retained[layer] = (key, selection)
-        self.stats.inc("events_retrieved", sum(map(len, chosen)))
-        self.store.touch(list(set().union(*chosen)), plan.end)
-        return chosen
-
-    def placed(self, layer: int, selection: dict[int, int], frame: str) -> dict[tuple[int, int], int]:
-        """The selection keyed by ``(event, lag)``, the key its cached K/V is rotated for:
-        ``lag`` tokens separate the event's end from the end of its run (module
-        docstring; always 0 in the exact frame). The device cache keys its slots by this
-        pair, so an event whose run changes is rotated anew."""
-        memo = self.placements[layer]
-        if memo is not None and memo[0] is selection and memo[1] == frame:
-            return memo[2]
-        if frame == "exact" or not selection:
-            placed = {(e, 0): n for e, n in selection.items()}
-        else:
-            events = sorted(selection, reverse=True)
-            index = torch.tensor(events)
-            starts, ends = self.store.starts[index].tolist(), self.store.ends[index].tolist()
-            placed, run_end, later = {}, 0, None
-            for e, start, end in zip(events, starts, ends):
-                # e continues the run of the event after it when that one is retrieved
-                # too and e is retrieved whole (no gap between their tokens)
-                if later != e + 1 or selection[e] != end - start:
-                    run_end = end
-                placed[(e, run_end - end)] = selection[e]
-                later = e
-        self.placements[layer] = (selection, frame, placed)
-        return placed
 
     @property
     def code_span(self) -> int:
@@ -483,20 +424,38 @@ class RequestMemory:
         device cache (:class:`SlotTable`): ``position · span + back``, ``back`` being how
         far before the anchor the token's key is rotated to (0 in the exact frame), so
         that a code says everything its slot holds. The selections must be equally large.
+
+        In the bounded frame an event sits ``lag`` tokens before the end of its *run*
+        (module docstring): it continues the run of the event after it when that one is
+        selected too and it is selected whole (no gap between their tokens). The cache
+        keys its slots by the codes, so an event whose run changes is rotated anew.
         """
-        rows = [(e, lag, n) for layer, selection in zip(layers, selections)
-                for (e, lag), n in self.placed(layer, selection, frame).items()]
-        if not rows:
+        if not any(selections):
             return torch.empty((len(layers), 0), dtype=torch.long)
-        ids, lags, counts = (torch.tensor(column, dtype=torch.long) for column in zip(*rows))
+        lengths = torch.tensor([len(selection) for selection in selections])
+        ids = torch.tensor(list(chain.from_iterable(selections)), dtype=torch.long)
+        counts = torch.tensor(list(chain.from_iterable(s.values() for s in selections)), dtype=torch.long)
         store, span = self.store, self.code_span
-        owner = torch.repeat_interleave(torch.arange(len(rows)), counts)
+        starts, ends = store.starts[ids], store.ends[ids]
+        lags = torch.zeros_like(ids)
+        if frame != "exact":
+            # events of all layers in (layer, event) order: a run is a stretch of them
+            row = torch.repeat_interleave(torch.arange(len(selections)), lengths)
+            order = torch.argsort(row * (int(ids.max()) + 2) + ids)
+            row, e, whole = row[order], ids[order], (counts == ends - starts)[order]
+            follows = torch.zeros_like(whole)
+            follows[:-1] = (row[1:] == row[:-1]) & (e[1:] == e[:-1] + 1)
+            # the last event of each one's run: the first at or after it that does not continue
+            index = torch.arange(e.numel())
+            last = torch.where(follows & whole, e.numel(), index).flip(0).cummin(0).values.flip(0)
+            lags[order] = ends[order][last] - ends[order]
+        owner = torch.repeat_interleave(torch.arange(ids.numel()), counts)
         rank = torch.arange(int(counts.sum())) - (torch.cumsum(counts, 0) - counts)[owner]
-        positions = store.starts[ids][owner] + rank
+        positions = starts[owner] + rank
         if frame == "exact":
             return (positions * span).view(len(layers), -1)
         # every run ends at the anchor: an event ends `lag` tokens before it
-        back = (store.ends[ids] + lags)[owner] - 1 - positions
+        back = (ends + lags)[owner] - 1 - positions
         if int(back.max()) >= span:
             raise ValueError(f"a run of {int(back.max()) + 1} tokens exceeds the code span {span}")
         return (positions * span + back).view(len(layers), -1)
@@ -557,6 +516,58 @@ class RequestMemory:
         for row in recent:
             ring[self._ring_next[layer]] = row
             self._ring_next[layer] = (self._ring_next[layer] + 1) % OBSERVATION_QUERIES
+
+
+def retrieve_rows(parts: list[tuple[RequestMemory, list[int], RowPlan, torch.Tensor]]) -> list[list[dict[int, int]]]:
+    """Retrieval for some layers of several requests in one call, one row per (request,
+    layer) (:mod:`.retrieval`); moves their contiguity queues and records the selections.
+
+    Args:
+        parts: per request ``(memory, layers, plan, scores [len(layers), events])``.
+
+    Returns:
+        per part, each of its layers' selection: exactly ``plan.memory_tokens`` tokens.
+    """
+    pad = torch.nn.functional.pad
+    width = max(scores.shape[1] for *_, scores in parts)
+    scores = torch.cat([pad(part[3], (0, width - part[3].shape[1]), value=float("-inf")) for part in parts])
+    sizes = torch.cat([pad(plan.available, (0, width - plan.available.numel())).expand(len(layers), -1)
+                       for _, layers, plan, _ in parts])
+    budget = torch.cat([torch.full((len(layers),), plan.memory_tokens) for _, layers, plan, _ in parts])
+    queues = stack_queues([memory.contiguity[layers] for memory, layers, *_ in parts])
+    settings, layout = parts[0][0].settings, parts[0][0].layout
+    most = max(most_events(plan.available, plan.memory_tokens) for _, _, plan, _ in parts)
+    chosen, queues = retrieve(scores, sizes, budget, queues, int(settings.contiguity_share * layout.max_memory), most)
+    selections, events = fill_budget(chosen, scores, sizes, budget, most)
+    out, first = [], 0
+    for memory, layers, plan, _ in parts:
+        rows = slice(first, first + len(layers))
+        first = rows.stop
+        memory._store_queues(layers, queues[rows])
+        memory._keep(layers, plan, selections[rows])
+        memory.stats.inc("events_retrieved", sum(map(len, selections[rows])))
+        mine = events[rows]
+        memory.store.touch(mine[mine >= 0], plan.end)
+        out.append(selections[rows])
+    return out
+
+
+def select_ahead(plans: list[RowPlan]) -> list[list[dict[int, int]]]:
+    """Every layer's selection for the decode rows of a step, before the layers run,
+    from the queries of each row's previous token (rows that
+    :meth:`RequestMemory.can_select_ahead`): one scoring call per request, one
+    retrieval for every layer of every row.
+
+    A decode step keeps its selection for ``retrieval_interval`` steps anyway; scoring
+    with the previous token's queries ages it by one more step, and lets the whole
+    step's retrieval and slot filling happen in a few batched calls.
+    """
+    parts = []
+    for plan in plans:
+        memory = plan.memory
+        parts.append((memory, list(range(memory.shape.num_layers)), plan, memory.score_ahead(plan)))
+        plan.refresh, plan.selected_ahead = False, True
+    return retrieve_rows(parts)
 
 
 def _rotated(store: HostStore, layer: int | torch.Tensor, positions: torch.Tensor, target: torch.Tensor,

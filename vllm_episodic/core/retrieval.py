@@ -6,101 +6,180 @@ EM-LLM's two-stage retrieval, per layer and step:
    taken greedily in rank order while they fit ``(1 − share) × budget`` tokens;
 2. *contiguity*: the temporal neighbours (event ± 1) of those events enter a queue of
    ``share × budget`` tokens that persists across steps; new neighbours go in front,
-   the oldest fall out when it is full.
+   the oldest fall out when it is full (events with nothing attendable stay out); the
+   queue's events join while they fit the budget;
+3. the budget is then filled exactly with the least relevant events, the last one cut
+   (the device cache's layout wants every layer to attend the same number of tokens).
 
-Scoring and selection go through :mod:`vllm_episodic.kernels` (Triton on a GPU).
+Everything works on *rows*: one row per (request, layer), events padded to the longest
+row. A decode step retrieves for every layer of every request in one call: the
+per-row greedy choices run as tensor ops over all rows, one column of candidates at a
+time, never as a Python loop over rows or events.
 """
 
 from __future__ import annotations
 
-from collections import deque
-
 import torch
 
-from vllm_episodic.kernels import score_layer_events, select_within_budget
+
+def empty_queues(rows: int) -> torch.Tensor:
+    """``[rows, 0]`` contiguity queues holding nothing (queues widen as they fill)."""
+    return torch.empty((rows, 0), dtype=torch.long)
 
 
-class ContiguityBuffer:
-    """Temporal neighbours of recently retrieved events (one per request and layer)."""
-
-    def __init__(self, capacity_tokens: int):
-        self.capacity = capacity_tokens
-        self.events: deque[int] = deque()
-
-    def update(self, top: list[int], sizes, num_events: int) -> list[int]:
-        """Push the neighbours of ``top`` (best first); return the buffer's events.
-        ``sizes[e]``: tokens of event e (a list or a tensor)."""
-        if self.capacity <= 0:
-            return []
-        chosen = set(top)
-        fresh = []
-        for event in top:
-            for neighbour in (event + 1, event - 1):
-                if 0 <= neighbour < num_events and neighbour not in chosen:
-                    chosen.add(neighbour)
-                    fresh.append(neighbour)
-        kept = [e for e in self.events if e not in chosen and e < num_events]
-        queue, used = deque(), 0
-        for event in fresh + kept:  # newest first
-            size = int(sizes[event])
-            if used + size > self.capacity:
-                continue
-            queue.append(event)
-            used += size
-        self.events = queue
-        return list(queue)
-
-    def clear(self) -> None:
-        self.events.clear()
+def stack_queues(queues: list[torch.Tensor]) -> torch.Tensor:
+    """Queues of several requests ``[layers_i, width_i]`` as one ``[rows, width]``, -1 padded."""
+    width = max(q.shape[1] for q in queues)
+    return torch.cat([torch.nn.functional.pad(q, (0, width - q.shape[1]), value=-1) for q in queues])
 
 
-def retrieve_layers(
-    queries: torch.Tensor,
-    reps: torch.Tensor,
-    available: torch.Tensor,
-    budget: int,
-    buffers: list[ContiguityBuffer],
-) -> tuple[list[list[int]], torch.Tensor]:
-    """Events to attend for one or more layers of one request, best first, in one scoring
-    and one selection call (the layers share the events and the budget).
+def greedy_fit(sizes: torch.Tensor, room: torch.Tensor) -> torch.Tensor:
+    """Per row, walk the columns in order and take each item that still fits.
 
     Args:
-        queries: ``[layers, num_heads, head_size]`` one scoring query per layer.
-        reps: ``[layers, events, num_heads, head_size]`` representative keys.
-        available: ``(events,)`` attendable tokens of each event (0: never chosen).
-        budget: tokens of events attended per layer; similarity gets all of it but the
-            contiguity queue's capacity.
-        buffers: the layers' persistent contiguity queues (all of the same capacity).
+        sizes: ``[rows, columns]`` tokens of each candidate (0: not a candidate).
+        room: ``(rows,)`` tokens each row may take.
 
     Returns:
-        per layer the chosen events (similarity picks first, then neighbours), and
-        ``[layers, events]`` float32 scores (``-inf`` where nothing is available).
+        ``[rows, columns]`` bool, the items taken. An item that does not fit is skipped
+        and the walk goes on (smaller ones later may still fit).
     """
-    layers, count = reps.shape[:2]
-    scores = score_layer_events(queries, reps, available)
-    bounds = torch.arange(layers + 1, device=reps.device) * count
-    positive = available[available > 0]
-    smallest = int(positive.min()) if positive.numel() else 1
-    order, taken = select_within_budget(scores.flatten(), available.repeat(layers), bounds,
-                                        budget - buffers[0].capacity, longest=count, smallest=smallest)
-    # one read-back for all layers; -1 marks what did not fit
-    ranked = order.masked_fill(~taken, -1).tolist()
-    sizes = available.tolist()
-    chosen = [_with_neighbours([e for e in row if e >= 0], sizes, budget, buffer)
-              for row, buffer in zip(ranked, buffers)]
-    return chosen, scores
+    # one step per column for all rows at once; columns contiguous, ops in place;
+    # what is no candidate is made too large to fit
+    too_large = int(room.max()) + 1
+    columns = sizes.t().masked_fill(sizes.t() <= 0, too_large).contiguous()
+    taken = torch.zeros(columns.shape, dtype=torch.bool)
+    left = room.clone()
+    # the smallest candidate from each column on: rows with less room left are done
+    smallest_after = columns.flip(0).cummin(0).values.flip(0)
+    for column in range(columns.shape[0]):
+        if column % 8 == 0 and bool((smallest_after[column] > left).all()):
+            break
+        fits = taken[column]
+        torch.le(columns[column], left, out=fits)
+        left.sub_(columns[column] * fits)
+    return taken.t()
 
 
-def _with_neighbours(chosen: list[int], sizes: list[int], budget: int, buffer: ContiguityBuffer) -> list[int]:
-    """The similarity picks, then the contiguity queue's events while they fit the budget
-    (``sizes``: every event's available tokens)."""
-    if buffer.capacity <= 0:
-        return chosen
-    used = sum(sizes[e] for e in chosen)
-    picked = set(chosen)
-    for event in buffer.update(chosen, sizes, len(sizes)):
-        size = sizes[event]
-        if event not in picked and size > 0 and used + size <= budget:
-            chosen.append(event)
-            used += size
-    return chosen
+def _compact(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Each row's kept ``values [rows, n]`` moved to its front in their order, -1 after
+    them, trimmed to the longest row."""
+    width = int(keep.sum(1).max()) if keep.numel() else 0
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width]
+    return values.gather(1, order).masked_fill(~keep.gather(1, order), -1)
+
+
+def most_events(sizes: torch.Tensor, budget: int) -> int:
+    """How deep a ranking of the events ``sizes (events,)`` must be read for ``budget``
+    tokens: the most events that fit it together (the smallest ones), plus one."""
+    ascending = torch.sort(sizes[sizes > 0]).values
+    return int(torch.searchsorted(torch.cumsum(ascending, 0), torch.tensor(budget), right=True)) + 1
+
+
+def _column(events: torch.Tensor, count: int) -> torch.Tensor:
+    """Event ids ``[rows, n]`` as columns of a ``[rows, count + 1]`` table whose last
+    column stands for -1 (nothing)."""
+    return events.masked_fill(events < 0, count)
+
+
+def _member(events: torch.Tensor, count: int) -> torch.Tensor:
+    """``[rows, count + 1]`` bool: which events (ids in ``events [rows, n]``, -1 ignored)
+    each row holds."""
+    mask = torch.zeros((events.shape[0], count + 1), dtype=torch.bool)
+    return mask.scatter_(1, _column(events, count), True)
+
+
+def retrieve(scores: torch.Tensor, sizes: torch.Tensor, budget: torch.Tensor, queues: torch.Tensor,
+             queue_tokens: int, most: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Similarity picks and contiguity neighbours of every row, best first.
+
+    Args:
+        scores: ``[rows, events]`` float32 (``-inf``: never chosen).
+        sizes: ``[rows, events]`` attendable tokens of each event (0: never chosen; pads).
+        budget: ``(rows,)`` tokens of events each row attends; similarity gets all of
+            it but the queue's ``queue_tokens``.
+        queues: ``[rows, width]`` each row's contiguity queue, newest first, -1 padded.
+        queue_tokens: the queues' capacity in tokens.
+        most: at least :func:`most_events` of every row for its budget (a top-k instead
+            of a full sort); None: every event.
+
+    Returns:
+        ``chosen [rows, n]`` event ids (similarity picks in rank order, then the queue's
+        events that fit the budget), -1 padded, and the rows' new queues.
+    """
+    rows, count = scores.shape
+    ranked, order = torch.topk(scores, min(count, most or count), dim=1)
+    fits = torch.cumsum(sizes.gather(1, order), 1) <= (budget - queue_tokens).clamp(min=0)[:, None]
+    # a prefix of the ranking: stop at the first event that does not fit
+    top = _compact(order, (torch.cumsum(~(fits & torch.isfinite(ranked)), 1) == 0))
+    if queue_tokens <= 0:
+        return top, queues
+    size_of = torch.cat((sizes, sizes.new_zeros(rows, 1)), 1)  # by _column: -1 has size 0
+    picked = _member(top, count)
+
+    # neighbours e + 1 then e - 1 of each pick, in the picks' rank order; each event
+    # once (its first mention), none already picked
+    fresh = torch.stack((top + 1, top - 1), 2).flatten(1)
+    fresh = fresh.masked_fill((top < 0).repeat_interleave(2, 1) | (fresh < 0) | (fresh >= count), -1)
+    index = _column(fresh, count)
+    mention = torch.arange(fresh.shape[1]).expand_as(fresh)
+    first = torch.full((rows, count + 1), fresh.shape[1]).scatter_reduce_(1, index, mention, "amin")
+    fresh_ok = (fresh >= 0) & ~picked.gather(1, index) & (first.gather(1, index) == mention)
+    fresh = fresh.masked_fill(~fresh_ok, -1)
+
+    # then the old queue's events that were neither picked nor mentioned again
+    seen = picked | _member(fresh, count)
+    old = queues.masked_fill(queues >= count, -1)
+    old = old.masked_fill(seen.gather(1, _column(old, count)), -1)
+
+    candidates = torch.cat((fresh, old), 1)
+    candidates = _compact(candidates, candidates >= 0)
+    candidate_sizes = size_of.gather(1, _column(candidates, count))
+    room = torch.full((rows,), queue_tokens)
+    new_queues = _compact(candidates, greedy_fit(candidate_sizes, room))
+
+    # the queue's events join the picks while they fit the budget
+    used = size_of.gather(1, _column(top, count)).sum(1)
+    queued_sizes = size_of.gather(1, _column(new_queues, count))
+    joins = greedy_fit(queued_sizes, budget - used)
+    chosen = _compact(torch.cat((top, new_queues), 1), torch.cat((top >= 0, joins), 1))
+    return chosen, new_queues
+
+
+def fill_budget(chosen: torch.Tensor, scores: torch.Tensor, sizes: torch.Tensor,
+                budget: torch.Tensor, most: int | None = None) -> tuple[list[dict[int, int]], torch.Tensor]:
+    """Each row's selection filling its budget exactly: the chosen events whole, then the
+    least relevant others, the last one cut (a cut never falls into an event that matters).
+
+    Args:
+        chosen: ``[rows, n]`` from :func:`retrieve`.
+        scores, sizes: as for :func:`retrieve`.
+        budget: ``(rows,)`` tokens each row attends.
+        most: as for :func:`retrieve`.
+
+    Returns:
+        per row ``{event: tokens attended}``, the chosen events first, and the same
+        events as ``[rows, n]`` ids, -1 padded.
+    """
+    rows, count = scores.shape
+    size_of = torch.cat((sizes, sizes.new_zeros(rows, 1)), 1)
+    chosen_tokens = size_of.gather(1, _column(chosen, count))
+    missing = budget - chosen_tokens.sum(1)
+    events, tokens = chosen, chosen_tokens
+    short = int(missing.max()) if rows else 0
+    if short > 0:
+        # only as many of the least relevant as can be needed (the chosen go last)
+        k = min(count, most or count)
+        excluded = _member(chosen, count)[:, :count] | (sizes == 0)
+        least = torch.topk(scores.masked_fill(excluded, float("inf")), k, dim=1, largest=False).indices
+        usable = ~excluded.gather(1, least)
+        least_sizes = sizes.gather(1, least) * usable
+        before = torch.cumsum(least_sizes, 1) - least_sizes
+        take = usable & (before < missing[:, None])
+        cut = torch.minimum(least_sizes, missing[:, None] - before)
+        events = torch.cat((chosen, least.masked_fill(~take, -1)), 1)
+        tokens = torch.cat((chosen_tokens, cut * take), 1)
+    keep = events >= 0
+    events, tokens, counts = _compact(events, keep), _compact(tokens, keep), keep.sum(1)
+    selections = [dict(zip(e[:n], t[:n])) for e, t, n in zip(events.tolist(), tokens.tolist(), counts.tolist())]
+    return selections, events

@@ -148,11 +148,11 @@ class HostStore:
             out_v.index_copy_(0, mine, values.view(-1, head_size).index_select(0, rows[mine]))
         return out_k.view(-1, num_kv_heads, head_size), out_v.view(-1, num_kv_heads, head_size)
 
-    def touch(self, event_ids: list[int], step: int) -> None:
+    def touch(self, event_ids: list[int] | torch.Tensor, step: int) -> None:
         """Remember that these events were retrieved at ``step`` (eviction order)."""
-        if not event_ids:
+        ids = torch.as_tensor(event_ids, dtype=torch.long)
+        if ids.numel() == 0:
             return
-        ids = torch.tensor(event_ids)
         # an event spans at most two pages (events are shorter than a page)
         self.page_last_use[self.starts[ids] // self.page_tokens] = step
         self.page_last_use[(self.ends[ids] - 1) // self.page_tokens] = step

@@ -24,7 +24,7 @@ import torch
 import time
 
 from vllm_episodic import envs
-from vllm_episodic.core.memory import BatchRow, EpisodicMemory, ModelShape, RowPlan
+from vllm_episodic.core.memory import BatchRow, EpisodicMemory, ModelShape, RowPlan, select_ahead
 from vllm_episodic.core.rope import Rope
 from vllm_episodic.core.surprise import surprise_from_logits, token_surprise
 from vllm_episodic.metrics import Stats, StatsPublisher, metrics_dir
@@ -158,9 +158,9 @@ class WorkerRuntime:
             for req_id, seq_len, q in zip(req_ids, seq_lens, query_lens)
         ]
         self.plans = self.memory.plan_step(rows, common_attn_metadata.block_table_tensor[:num_reqs])
-        for plan in self.plans:
-            if plan.memory.can_select_ahead(plan):
-                self.select_ahead(plan)
+        ahead = [plan for plan in self.plans if plan.memory.can_select_ahead(plan)]
+        if ahead:
+            self.select_ahead(ahead)
         self.publish()
         return self.plans
 
@@ -193,13 +193,14 @@ class WorkerRuntime:
         selection = plan.memory.select(layer, plan, query)
         self._fill_slots(plan, [layer], [selection], [kv_cache], isa)
 
-    def select_ahead(self, plan: RowPlan) -> None:
-        """A decode step's retrieval for every layer before the layers run (from the
-        previous token's queries), and its slot copies in one gather for all layers."""
-        selections = plan.memory.select_layers(plan)
-        if plan.mode == "assembled":
-            layers = range(len(selections))
-            self._fill_slots(plan, layers, selections, [self.runner.kv_caches[i] for i in layers], self.isa)
+    def select_ahead(self, plans: list[RowPlan]) -> None:
+        """The decode rows' retrieval for every layer before the layers run (from the
+        previous token's queries, all rows in one retrieval), then each row's slot copies
+        in one gather for all layers."""
+        for plan, selections in zip(plans, select_ahead(plans)):
+            if plan.mode == "assembled":
+                layers = range(len(selections))
+                self._fill_slots(plan, layers, selections, [self.runner.kv_caches[i] for i in layers], self.isa)
 
     def _fill_slots(self, plan: RowPlan, layers, selections: list[dict[int, int]], caches: list[torch.Tensor],
                     isa: str) -> None:
