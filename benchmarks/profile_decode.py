@@ -56,11 +56,11 @@ def instrument() -> None:
     from vllm_episodic.integration import cpu_backend, runtime
 
     timing(memory.EpisodicMemory, "plan_step", "plan")
-    # prefill chunks retrieve inside each layer (fill_cache = select + slot fill); decode
-    # steps retrieve for every layer of every row before the layers run (the runtime's
-    # select_ahead = the memory's select_ahead + each row's slot fill)
-    timing(memory.RequestMemory, "select", "select")
-    timing(runtime.WorkerRuntime, "fill_cache", "fill_cache")
+    # prefill chunks retrieve inside each layer (fill_caches = select_layer + slot fill);
+    # decode steps retrieve for every layer of every row before the layers run (the
+    # runtime's select_ahead = the memory's select_ahead + each row's slot fill)
+    timing(runtime, "select_layer", "select")
+    timing(runtime.WorkerRuntime, "fill_caches", "fill_cache")
     timing(runtime, "select_ahead", "select_layers")
     timing(runtime.WorkerRuntime, "select_ahead", "select_ahead")
     timing(cpu_backend.EpisodicCPUImpl, "forward", "attention layer")

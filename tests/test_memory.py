@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from vllm_episodic.core.attention import attention_with_lse
-from vllm_episodic.core.memory import BatchRow, EpisodicMemory, ModelShape, select_ahead
+from vllm_episodic.core.memory import BatchRow, EpisodicMemory, ModelShape, select_ahead, select_layer
 from vllm_episodic.core.rope import Rope, rope_table
 from vllm_episodic.metrics import Stats
 
@@ -371,6 +371,26 @@ def test_decode_retrieval_of_several_requests_in_one_call_equals_each_alone():
         for a, b in zip(batched, alone):
             queues = [[[e for e in row if e >= 0] for row in m.requests["r"].contiguity.tolist()] for m in (a, b)]
             assert queues[0] == queues[1] and any(queues[0])
+
+
+def test_prefill_chunks_of_several_requests_retrieve_in_one_call_per_layer():
+    """A layer's retrieval for the prefill chunks of several requests in one call (each
+    with its own queries) chooses what each request's own call chooses."""
+    config = settings(retrieval_budget_tokens=96, positions="bounded")
+    sequences = [Sequence(700, seed=seed) for seed in (3, 4)]
+    lengths = (560, 420)
+    batched = [run(seq, config, [n])[1] for seq, n in zip(sequences, lengths)]
+    alone = [run(seq, config, [n])[1] for seq, n in zip(sequences, lengths)]
+    for step in range(2):
+        plans = {name: [memory.plan_step([BatchRow("r", n + 40 * step, 40, capacity=700)])[0]
+                        for memory, n in zip(memories, lengths)]
+                 for name, memories in (("batched", batched), ("alone", alone))}
+        assert all(plan.mode == "reference" and plan.refresh for plan in plans["batched"])
+        for layer in range(LAYERS):
+            queries = [seq.q[layer][plan.num_computed : plan.end] for seq, plan in zip(sequences, plans["alone"])]
+            together = select_layer(layer, list(zip(plans["batched"], queries)))
+            for plan, query, got in zip(plans["alone"], queries, together):
+                assert got == plan.memory.select(layer, plan, query) and sum(got.values()) == 96
 
 
 def test_code_keys_of_several_layers_in_one_gather():

@@ -356,26 +356,35 @@ class RequestMemory:
 
     def select(self, layer: int, plan: RowPlan, query: torch.Tensor) -> dict[int, int]:
         """Events (and how many of their first tokens) this layer attends: exactly
-        ``plan.memory_tokens`` tokens, all before ``plan.local_start``.
+        ``plan.memory_tokens`` tokens, all before ``plan.local_start`` (one row of
+        :func:`select_layer`).
 
         Args:
             query: ``[q, num_heads, head_size]`` the row's queries (rotated at their positions).
         """
-        store, budget = self.store, plan.memory_tokens
+        return select_layer(layer, [(plan, query)])[0]
+
+    def _unchanged(self, layer: int, plan: RowPlan) -> dict[int, int] | None:
+        """The layer's selection when it needs no retrieval in this step, else None."""
+        budget = plan.memory_tokens
         if budget <= 0:
             return {}
         if plan.everything is not None:
-            store.touch(list(plan.everything), plan.end)
+            self.store.touch(list(plan.everything), plan.end)
             return dict(plan.everything)
         kept = self.retained[layer]
         if not plan.refresh and kept is not None and kept[0] == (budget, plan.frame, plan.anchor):
             return kept[1]
+        return None
+
+    def score_chunk(self, layer: int, plan: RowPlan, query: torch.Tensor) -> torch.Tensor:
+        """``[1, events]`` the layer's event scores for this step's queries ``[q,
+        num_heads, head_size]``: the mean of the scoring queries (its last
+        ``prefill_query_tokens``, or all) as seen from memory at distance ``window``."""
         available = plan.available
-        # the scoring queries as seen from memory at distance `window` (un-rotated keys at 0)
         cos, sin = plan.score_angles
         q_score = self.rope.apply(query[-cos.shape[0]:], cos, sin).mean(0)
-        scores = score_layer_events(q_score[None], store.reps[layer : layer + 1, : available.numel()], available)
-        return retrieve_rows([(self, [layer], plan, scores)])[0][0]
+        return score_layer_events(q_score[None], self.store.reps[layer : layer + 1, : available.numel()], available)
 
     def note_query(self, layer: int, query: torch.Tensor, position: int) -> None:
         """Keep ``query [num_heads, head_size]``, the layer's query at ``position``: the
@@ -407,7 +416,7 @@ class RequestMemory:
         self.contiguity = pad(self.contiguity, (0, width - self.contiguity.shape[1]), value=-1)
         self.contiguity[layers] = pad(queues, (0, width - queues.shape[1]), value=-1)
 
-    def _keep(self, layers: list[int], plan: RowPlan, selections: list[dict[int, int]]) -> None:
+    def _retain(self, layers: list[int], plan: RowPlan, selections: list[dict[int, int]]) -> None:
         """Record the layers' selections for the steps that do not retrieve."""
         key = (plan.memory_tokens, plan.frame, plan.anchor)
         for layer, selection in zip(layers, selections):
@@ -544,12 +553,22 @@ def retrieve_rows(parts: list[tuple[RequestMemory, list[int], RowPlan, torch.Ten
         rows = slice(first, first + len(layers))
         first = rows.stop
         memory._store_queues(layers, queues[rows])
-        memory._keep(layers, plan, selections[rows])
+        memory._retain(layers, plan, selections[rows])
         memory.stats.inc("events_retrieved", sum(map(len, selections[rows])))
         mine = events[rows]
         memory.store.touch(mine[mine >= 0], plan.end)
         out.append(selections[rows])
     return out
+
+
+def select_layer(layer: int, rows: list[tuple[RowPlan, torch.Tensor]]) -> list[dict[int, int]]:
+    """One layer's selection for several batch rows, from each row's queries of this
+    step (``[q, num_heads, head_size]``): the rows that retrieve do so in one call."""
+    chosen = [plan.memory._unchanged(layer, plan) for plan, _ in rows]
+    parts = [(plan.memory, [layer], plan, plan.memory.score_chunk(layer, plan, query))
+             for (plan, query), selection in zip(rows, chosen) if selection is None]
+    fresh = iter(retrieve_rows(parts) if parts else ())
+    return [selection if selection is not None else next(fresh)[0] for selection in chosen]
 
 
 def select_ahead(plans: list[RowPlan]) -> list[list[dict[int, int]]]:

@@ -110,10 +110,10 @@ class EpisodicCPUImpl(CPUAttentionBackendImpl):
         layer_index = runtime.layer_index(layer.layer_name)
         num_tokens = meta.num_actual_tokens
         q = query[:num_tokens].view(num_tokens, self.num_heads, self.head_size)
-        for plan in plans:
-            if plan.mode == "assembled" and not plan.selected_ahead:
-                rows = slice(plan.first_query, plan.first_query + plan.num_scheduled)
-                runtime.fill_cache(layer_index, plan, q[rows], kv_cache, layer.isa)
+        retrieving = [(plan, q[plan.first_query : plan.first_query + plan.num_scheduled]) for plan in plans
+                      if plan.mode == "assembled" and not plan.selected_ahead]
+        if retrieving:
+            runtime.fill_caches(layer_index, retrieving, kv_cache, layer.isa)
         super().forward(layer, query, key, value, kv_cache, meta.stock, output,
                         output_scale, output_block_scale)
         out = output[:num_tokens].view(num_tokens, self.num_heads, self.head_size)

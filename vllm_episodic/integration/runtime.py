@@ -24,7 +24,7 @@ import torch
 import time
 
 from vllm_episodic import envs
-from vllm_episodic.core.memory import BatchRow, EpisodicMemory, ModelShape, RowPlan, select_ahead
+from vllm_episodic.core.memory import BatchRow, EpisodicMemory, ModelShape, RowPlan, select_ahead, select_layer
 from vllm_episodic.core.rope import Rope
 from vllm_episodic.core.surprise import surprise_from_logits, token_surprise
 from vllm_episodic.metrics import Stats, StatsPublisher, metrics_dir
@@ -187,11 +187,13 @@ class WorkerRuntime:
         flat = self.runner.kv_caches[layer].view(-1)
         return flat[cached[2]], flat[cached[3]]
 
-    def fill_cache(self, layer: int, plan: RowPlan, query: torch.Tensor, kv_cache: torch.Tensor, isa: str) -> None:
-        """Retrieve this layer's events and copy them into the row's cache slots, so that
-        the attended blocks hold sinks + exactly the selected tokens."""
-        selection = plan.memory.select(layer, plan, query)
-        self._fill_slots(plan, [layer], [selection], [kv_cache], isa)
+    def fill_caches(self, layer: int, rows: list[tuple[RowPlan, torch.Tensor]], kv_cache: torch.Tensor,
+                    isa: str) -> None:
+        """Retrieve this layer's events for these rows (each with its queries; one
+        retrieval for all) and copy them into each row's cache slots, so that the
+        attended blocks hold sinks + exactly the selected tokens."""
+        for (plan, _), selection in zip(rows, select_layer(layer, rows)):
+            self._fill_slots(plan, [layer], [selection], [kv_cache], isa)
 
     def select_ahead(self, plans: list[RowPlan]) -> None:
         """The decode rows' retrieval for every layer before the layers run (from the
