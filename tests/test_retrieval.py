@@ -185,6 +185,20 @@ def test_greedy_fit_skips_what_does_not_fit_and_goes_on():
     assert taken.tolist() == [[True, False, True, False, True], [True, True, False, False, False]]
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_greedy_fit_equals_walking_each_row(seed):
+    g = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(1, 60, (20, 90), generator=g) * (torch.rand(20, 90, generator=g) > 0.3)
+    room = torch.randint(0, 500, (20,), generator=g)
+    taken = greedy_fit(sizes, room)
+    for row in range(20):
+        left, want = int(room[row]), []
+        for size in sizes[row].tolist():
+            want.append(0 < size <= left)
+            left -= size if want[-1] else 0
+        assert taken[row].tolist() == want
+
+
 def test_queues_of_different_widths_stack():
     a, b = torch.tensor([[3, 4, -1]]), torch.tensor([[7], [8]])
     assert stack_queues([a, b]).tolist() == [[3, 4, -1], [7, -1, -1], [8, -1, -1]]

@@ -44,21 +44,21 @@ def greedy_fit(sizes: torch.Tensor, room: torch.Tensor) -> torch.Tensor:
         ``[rows, columns]`` bool, the items taken. An item that does not fit is skipped
         and the walk goes on (smaller ones later may still fit).
     """
-    # one step per column for all rows at once; columns contiguous, ops in place;
-    # what is no candidate is made too large to fit
-    too_large = int(room.max()) + 1
-    columns = sizes.t().masked_fill(sizes.t() <= 0, too_large).contiguous()
-    taken = torch.zeros(columns.shape, dtype=torch.bool)
+    # in rounds over all rows and columns at once: the candidates that still could fit
+    # (an item larger than the room left never will) are taken while their running sum
+    # fits; the first that does not is skipped and the next round starts after it
+    columns = torch.arange(sizes.shape[1])
+    taken = torch.zeros(sizes.shape, dtype=torch.bool)
     left = room.clone()
-    # the smallest candidate from each column on: rows with less room left are done
-    smallest_after = columns.flip(0).cummin(0).values.flip(0)
-    for column in range(columns.shape[0]):
-        if column % 8 == 0 and bool((smallest_after[column] > left).all()):
-            break
-        fits = taken[column]
-        torch.le(columns[column], left, out=fits)
-        left.sub_(columns[column] * fits)
-    return taken.t()
+    open_ = sizes > 0
+    while bool(open_.any()):
+        candidate = open_ & (sizes <= left[:, None])
+        fits = candidate & (torch.cumsum(sizes * candidate, 1) <= left[:, None])
+        taken |= fits
+        left -= (sizes * fits).sum(1)
+        skipped = torch.where(candidate & ~fits, columns, sizes.shape[1]).min(1).values
+        open_ = candidate & (columns > skipped[:, None])
+    return taken
 
 
 def _compact(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
