@@ -13,8 +13,8 @@ EM-LLM's two-stage retrieval, per layer and step:
 
 Everything works on *rows*: one row per (request, layer), events padded to the longest
 row. A decode step retrieves for every layer of every request in one call: the
-per-row greedy choices run as tensor ops over all rows, one column of candidates at a
-time, never as a Python loop over rows or events.
+per-row greedy choices run as tensor ops over all rows and candidates at once (in a few
+rounds, :func:`greedy_fit`), never as a Python loop over rows or events.
 """
 
 from __future__ import annotations
@@ -82,6 +82,12 @@ def _column(events: torch.Tensor, count: int) -> torch.Tensor:
     return events.masked_fill(events < 0, count)
 
 
+def _size_table(sizes: torch.Tensor) -> torch.Tensor:
+    """``[rows, events + 1]`` the sizes with a last column of 0s, what :func:`_column`
+    maps -1 to."""
+    return torch.cat((sizes, sizes.new_zeros(sizes.shape[0], 1)), 1)
+
+
 def _member(events: torch.Tensor, count: int) -> torch.Tensor:
     """``[rows, count + 1]`` bool: which events (ids in ``events [rows, n]``, -1 ignored)
     each row holds."""
@@ -114,7 +120,7 @@ def retrieve(scores: torch.Tensor, sizes: torch.Tensor, budget: torch.Tensor, qu
     top = _compact(order, (torch.cumsum(~(fits & torch.isfinite(ranked)), 1) == 0))
     if queue_tokens <= 0:
         return top, queues
-    size_of = torch.cat((sizes, sizes.new_zeros(rows, 1)), 1)  # by _column: -1 has size 0
+    size_of = _size_table(sizes)
     picked = _member(top, count)
 
     # neighbours e + 1 then e - 1 of each pick, in the picks' rank order; each event
@@ -162,7 +168,7 @@ def fill_budget(chosen: torch.Tensor, scores: torch.Tensor, sizes: torch.Tensor,
         events as ``[rows, n]`` ids, -1 padded.
     """
     rows, count = scores.shape
-    size_of = torch.cat((sizes, sizes.new_zeros(rows, 1)), 1)
+    size_of = _size_table(sizes)
     chosen_tokens = size_of.gather(1, _column(chosen, count))
     missing = budget - chosen_tokens.sum(1)
     events, tokens = chosen, chosen_tokens
