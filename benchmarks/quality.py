@@ -79,6 +79,8 @@ def main() -> int:
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     parser.add_argument("--lengths", nargs="+", type=int, default=[4096, 8192, 16384])
     parser.add_argument("--samples", type=int, default=5)
+    parser.add_argument("--indices", nargs="+", type=int, default=None,
+                        help="run only these samples of each cell (0-based; depths as with all --samples)")
     parser.add_argument("--backends", nargs="+", default=["stock", "episodic"], choices=["stock", "episodic"])
     parser.add_argument("--episodic", default="{}", help="episodic settings (JSON)")
     parser.add_argument("--max-tokens", type=int, default=32)
@@ -87,6 +89,8 @@ def main() -> int:
                         help="longest context stock vLLM is run at (it collapses past the trained length)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.indices is not None and not all(0 <= i < args.samples for i in args.indices):
+        parser.error(f"--indices must lie in 0..{args.samples - 1} (--samples {args.samples})")
 
     from transformers import AutoTokenizer
 
@@ -94,7 +98,8 @@ def main() -> int:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
     samples = [make_sample(task, n, i, args.samples, count)
-               for task in args.tasks for n in args.lengths for i in range(args.samples)]
+               for task in args.tasks for n in args.lengths
+               for i in (args.indices if args.indices is not None else range(args.samples))]
     common.log(f"{len(samples)} prompts; backends {args.backends}")
     report = {"model": args.model, "machine": common.machine(), "episodic_config": json.loads(args.episodic),
               "lengths": args.lengths, "tasks": args.tasks}
