@@ -19,6 +19,8 @@ from vllm_episodic.kernels.gather import gather_rotate_reference
 from vllm_episodic.kernels.prefetch import Prefetcher
 from vllm_episodic.kernels.score import (
     score_events_reference,
+    rank_within_budget,
+    ranking_key,
     score_layer_events_reference,
     select_within_budget,
 )
@@ -30,8 +32,8 @@ try:
 except ImportError:
     HAS_TRITON = False
 
-__all__ = ["Prefetcher", "block_attention", "gather_rotate", "score_events", "score_layer_events",
-           "select_within_budget", "uses_triton"]
+__all__ = ["Prefetcher", "block_attention", "gather_rotate", "rank_within_budget", "ranking_key", "score_events",
+           "score_layer_events", "select_within_budget", "uses_triton"]
 
 
 def uses_triton(tensor: torch.Tensor) -> bool:

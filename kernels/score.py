@@ -150,7 +150,7 @@ def select_within_budget(scores: torch.Tensor, sizes: torch.Tensor, offsets: tor
         shape, bool): the longest prefix of ``order`` that fits the budget. ``k`` is
         just large enough to hold any such prefix (a top-k, not a full sort).
     """
-    s, z, valid = padded(offsets, longest, (scores, float("-inf")), (sizes, 0))
+    s, z, _ = padded(offsets, longest, (scores, float("-inf")), (sizes, 0))
     if isinstance(budget, int):
         # filled on the device (a host→device copy could not be captured in a CUDA graph)
         most, budget = budget, torch.full((1, 1), budget, device=scores.device)
@@ -159,11 +159,42 @@ def select_within_budget(scores: torch.Tensor, sizes: torch.Tensor, offsets: tor
     if smallest is None:
         positive = sizes[sizes > 0]
         smallest = int(positive.min()) if positive.numel() else 1
-    k = min(s.shape[1], most // max(smallest, 1) + 1)
-    _, order = torch.topk(s, k, dim=1, sorted=True)
-    ranked_sizes = torch.gather(z, 1, order)
-    ranked_ok = torch.gather(valid & torch.isfinite(s), 1, order)
-    fits = (torch.cumsum(ranked_sizes, 1) <= budget) & ranked_ok
+    return rank_within_budget(s, z, budget, most // max(smallest, 1) + 1)
+
+
+def ranking_key(scores: torch.Tensor) -> torch.Tensor:
+    """``[rows, n]`` int64 keys that order like the float32 ``scores`` and never tie:
+    among equal scores the higher column has the larger key.
+
+    Scores scored from bfloat16 representatives are rounded to bfloat16 (half of 2,000
+    random ones collide), and ``torch.topk`` orders ties differently for different ``k``:
+    without a strict order, which of the tied events is retrieved would depend on how
+    deep the ranking is read.
+    """
+    # + 0.0 turns -0.0 into 0.0 (equal scores, different bits)
+    bits = (scores.float() + 0.0).view(torch.int32).long()
+    # IEEE-754 as a signed integer: monotone for positive floats, reversed for negative ones
+    monotone = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return monotone * (1 << 32) + torch.arange(scores.shape[1], device=scores.device)
+
+
+def rank_within_budget(scores: torch.Tensor, sizes: torch.Tensor, budget: torch.Tensor,
+                       depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`select_within_budget` on dense rows.
+
+    Args:
+        scores: ``[rows, n]`` (``-inf`` = never; pads).
+        sizes: ``[rows, n]`` tokens of each event.
+        budget: ``[rows, 1]`` (or ``[1, 1]``) tokens per row.
+        depth: how much of the ranking to read: more than the most events any row's
+            budget can hold (a top-k, not a full sort).
+
+    Returns:
+        ``order [rows, min(n, depth)]`` event columns in descending score and ``taken``
+        (same shape, bool): the longest prefix of ``order`` that fits the budget.
+    """
+    _, order = torch.topk(ranking_key(scores), min(scores.shape[1], depth), dim=1, sorted=True)
+    fits = (torch.cumsum(sizes.gather(1, order), 1) <= budget) & torch.isfinite(scores.gather(1, order))
     # a prefix: stop at the first event that does not fit
     taken = torch.cumsum(~fits, 1) == 0
     return order, taken

@@ -240,3 +240,12 @@ def test_prefetcher_moves_the_selected_tokens():
     assert torch.equal(k1, keys[second]) and torch.equal(v1, values[second])
     with pytest.raises(ValueError, match="staging size"):
         prefetcher.submit(0, keys, values, torch.arange(33))
+
+
+def test_ranking_key_orders_like_the_scores_and_breaks_ties_by_column():
+    from vllm_episodic.kernels import ranking_key
+
+    scores = torch.tensor([[0.5, float("-inf"), -2.0, 0.0, -0.0, 3.0, 0.5, -2.0, float("inf"), 1e-30]])
+    order = torch.argsort(ranking_key(scores)[0], descending=True).tolist()
+    want = sorted(range(scores.shape[1]), key=lambda e: (-float(scores[0, e]), -e))
+    assert order == want == [8, 5, 6, 0, 9, 4, 3, 7, 2, 1]

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from vllm_episodic.kernels import rank_within_budget, ranking_key
+
 
 def empty_queues(rows: int) -> torch.Tensor:
     """``[rows, 0]`` contiguity queues holding nothing (queues widen as they fill)."""
@@ -114,10 +116,9 @@ def retrieve(scores: torch.Tensor, sizes: torch.Tensor, budget: torch.Tensor, qu
         events that fit the budget), -1 padded, and the rows' new queues.
     """
     rows, count = scores.shape
-    ranked, order = torch.topk(scores, min(count, most or count), dim=1)
-    fits = torch.cumsum(sizes.gather(1, order), 1) <= (budget - queue_tokens).clamp(min=0)[:, None]
-    # a prefix of the ranking: stop at the first event that does not fit
-    top = _compact(order, (torch.cumsum(~(fits & torch.isfinite(ranked)), 1) == 0))
+    # a prefix of the ranking: the best events while they fit the similarity budget
+    order, taken = rank_within_budget(scores, sizes, (budget - queue_tokens).clamp(min=0)[:, None], most or count)
+    top = _compact(order, taken)
     if queue_tokens <= 0:
         return top, queues
     size_of = _size_table(sizes)
@@ -177,7 +178,7 @@ def fill_budget(chosen: torch.Tensor, scores: torch.Tensor, sizes: torch.Tensor,
         # only as many of the least relevant as can be needed (the chosen go last)
         k = min(count, most or count)
         excluded = _member(chosen, count)[:, :count] | (sizes == 0)
-        least = torch.topk(scores.masked_fill(excluded, float("inf")), k, dim=1, largest=False).indices
+        least = torch.topk(ranking_key(scores.masked_fill(excluded, float("inf"))), k, dim=1, largest=False).indices
         usable = ~excluded.gather(1, least)
         least_sizes = sizes.gather(1, least) * usable
         before = torch.cumsum(least_sizes, 1) - least_sizes
