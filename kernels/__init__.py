@@ -18,9 +18,9 @@ from vllm_episodic.kernels.block_attention import block_attention_reference
 from vllm_episodic.kernels.gather import gather_rotate_reference
 from vllm_episodic.kernels.prefetch import Prefetcher
 from vllm_episodic.kernels.score import (
-    score_events_reference,
     rank_within_budget,
     ranking_key,
+    score_events_reference,
     score_layer_events_reference,
     select_within_budget,
 )
