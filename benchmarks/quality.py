@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +33,8 @@ from vllm_episodic.workloads import TASKS, make_sample  # noqa: E402
 def run_backend(backend: str, model_dir: str, samples, args) -> dict:
     max_len = max(s.length for s in samples) + 512
     results = {}
-    with common.serve(model_dir, backend, max_len, episodic=json.loads(args.episodic)) as base:
+    with common.serve(model_dir, backend, max_len, episodic=json.loads(args.episodic),
+                      extra=shlex.split(args.serve_args)) as base:
         def ask(sample):
             began = time.time()
             reply = common.post(base, "/v1/chat/completions", {
@@ -87,6 +89,8 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--stock-max-len", type=int, default=16384,
                         help="longest context stock vLLM is run at (it collapses past the trained length)")
+    parser.add_argument("--serve-args", default="",
+                        help="more `vllm serve` flags for both backends, e.g. '--max-num-batched-tokens 4096'")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.indices is not None and not all(0 <= i < args.samples for i in args.indices):
@@ -102,6 +106,7 @@ def main() -> int:
                for i in (args.indices if args.indices is not None else range(args.samples))]
     common.log(f"{len(samples)} prompts; backends {args.backends}")
     report = {"model": args.model, "machine": common.machine(), "episodic_config": json.loads(args.episodic),
+              "serve_args": args.serve_args,
               "lengths": args.lengths, "tasks": args.tasks}
     for backend in args.backends:
         mine = [s for s in samples if backend == "episodic" or s.length <= args.stock_max_len]
