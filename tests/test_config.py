@@ -50,7 +50,7 @@ def test_unknown_key_lists_the_valid_keys():
     [
         ({"segmentation": "random"}, ["segmentation", "'surprise'", "'fixed'"]),
         ({"positions": "absolute"}, ["positions", "'auto'", "'exact'", "'bounded'"]),
-        ({"representatives_dtype": "float16"}, ["representatives_dtype", "'bfloat16'", "'float32'"]),
+        ({"representatives_dtype": "float8"}, ["representatives_dtype", "'float16'", "'bfloat16'", "'float32'"]),
         ({"window_tokens": -5}, ["window_tokens", "greater than or equal to 16"]),
         ({"contiguity_share": 1.5}, ["contiguity_share", "less than 1"]),
         ({"prefill_query_tokens": -1}, ["prefill_query_tokens", "greater than or equal to 0"]),

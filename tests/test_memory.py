@@ -280,7 +280,7 @@ def test_host_memory_cap_evicts_least_recently_retrieved_pages():
     assert dead.any() and store.alive[: store.num_events].any()
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_representatives_dtype_sets_their_bytes(dtype):
     """Representatives are held in the configured dtype and counted exactly in the
     host bytes: every held page of K/V plus every event's representatives."""
@@ -292,6 +292,18 @@ def test_representatives_dtype_sets_their_bytes(dtype):
     page_bytes = 2 * LAYERS * KV_HEADS * store.page_tokens * DIM * 4  # float32 K/V here
     rep_bytes = LAYERS * HEADS * DIM * (4 if dtype == "float32" else 2)
     assert store.nbytes == memory.host_bytes() == pages * page_bytes + store.num_events * rep_bytes
+
+
+def test_float16_representatives_saturate_instead_of_overflowing():
+    from vllm_episodic.core.store import HostStore
+
+    store = HostStore(2, HEADS, KV_HEADS, DIM, torch.float32, page_tokens=64, reps_dtype=torch.float16)
+    store.add_events([(0, 10), (10, 20)])
+    huge = torch.full((2, 2, HEADS, DIM), 1e6)
+    huge[:, 1] = -1e6
+    store.set_reps(slice(None), torch.arange(2), huge)
+    largest = torch.finfo(torch.float16).max
+    assert (store.reps[:, 0] == largest).all() and (store.reps[:, 1] == -largest).all()
 
 
 def test_store_gathers_tokens_of_several_layers_at_once():

@@ -84,9 +84,11 @@ class EpisodicConfig(BaseModel):
     """Tokens averaged into an event's representative key for each query head (the
     tokens that head attends most): what similarity retrieval scores."""
 
-    representatives_dtype: Literal["bfloat16", "float32"] = "bfloat16"
-    """How representative keys are held and scored: ``bfloat16`` halves their host
-    memory and the bytes every retrieval reads; ``float32`` for exact scores."""
+    representatives_dtype: Literal["float16", "bfloat16", "float32"] = "bfloat16"
+    """How representative keys are held and scored: the 16-bit dtypes halve their host
+    memory and the bytes every retrieval reads (``float16`` rounds scores less than
+    ``bfloat16``; queries are scaled so that its scores cannot overflow); ``float32``
+    for exact scores."""
 
     device_event_cache_tokens: int | None = Field(None, ge=0, le=1 << 24)
     """Event tokens kept on the device per request: the retrieved ones plus an LRU reserve.

@@ -350,9 +350,9 @@ class RequestMemory:
         group = max(1, REPS_SCRATCH // per_layer)
         for first in range(0, layers, group):
             part = slice(first, first + group)
-            self.store.reps[part, ids] = representatives(
+            self.store.set_reps(part, ids, representatives(
                 obs[part], keys_rotated[part], keys[part], lengths, self.settings.representatives_per_event
-            ).to(self.store.reps.dtype)
+            ))
 
     def select(self, layer: int, plan: RowPlan, query: torch.Tensor) -> dict[int, int]:
         """Events (and how many of their first tokens) this layer attends: exactly

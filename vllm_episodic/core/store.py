@@ -123,6 +123,15 @@ class HostStore:
         self.num_events = count
         return range(first, count)
 
+    def set_reps(self, layers: slice, ids: torch.Tensor, reps: torch.Tensor) -> None:
+        """Hold ``reps [layers, len(ids), num_heads, head_size]`` (float32) for events
+        ``ids`` in the store's dtype; float16 saturates at its largest value instead of
+        turning a huge key into inf."""
+        if self.reps.dtype == torch.float16:
+            largest = torch.finfo(torch.float16).max
+            reps = reps.clamp(-largest, largest)
+        self.reps[layers, ids] = reps.to(self.reps.dtype)
+
     def gather(self, layer: int | torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V ``[n, num_kv_heads, head_size]`` of the tokens at ``positions`` (in order), of
         ``layer`` or, given ``(n,)`` layers, each token of its own layer."""
