@@ -43,7 +43,7 @@ def test_planted_key_is_retrieved(dtype):
 
 
 def test_bfloat16_scores_rank_events_as_float32_scores_do():
-    """Scoring bfloat16 representatives (the default) rounds each score to bfloat16:
+    """Scoring bfloat16 representatives rounds each score to bfloat16:
     the ranking stays that of float32 up to near-ties."""
     reps, sizes = _events(2000, heads=9, dim=64)
     query = torch.randn(9, 64)

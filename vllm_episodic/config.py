@@ -84,7 +84,7 @@ class EpisodicConfig(BaseModel):
     """Tokens averaged into an event's representative key for each query head (the
     tokens that head attends most): what similarity retrieval scores."""
 
-    representatives_dtype: Literal["float16", "bfloat16", "float32"] = "bfloat16"
+    representatives_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     """How representative keys are held and scored: the 16-bit dtypes halve their host
     memory and the bytes every retrieval reads (``float16`` rounds scores less than
     ``bfloat16``; queries are scaled so that its scores cannot overflow); ``float32``
