@@ -50,7 +50,7 @@ def _query_for(query: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, t
     a representative (the scale does not change a row's ranking; it is undone anyway).
     """
     if dtype != torch.float16:
-        return query.to(dtype), query.new_ones(query.shape[0])
+        return query.to(dtype), torch.ones(query.shape[0], device=query.device)
     norm = torch.linalg.vector_norm(query.float(), dim=-1).clamp(min=1e-30)
     return (query.float() / norm[:, None]).to(dtype), norm
 
