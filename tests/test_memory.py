@@ -44,7 +44,12 @@ class Sequence:
         self.v = [torch.randn(length, KV_HEADS, DIM, generator=g) for _ in range(LAYERS)]
         self.surprise = torch.rand(length, generator=g) * 4
 
-    def read(self, plan, layer, start, end):
+    def read(self, plan, layers, start, end):
+        """The runtime's reader: K/V ``[len(layers), end - start, kv_heads, dim]``."""
+        return (torch.stack([self.k[i][start:end] for i in layers.tolist()]),
+                torch.stack([self.v[i][start:end] for i in layers.tolist()]))
+
+    def read_layer(self, layer, start, end):
         return self.k[layer][start:end], self.v[layer][start:end]
 
 
@@ -67,11 +72,11 @@ def run(seq, config, chunks, trained_len=4096):
                 selection = plan.memory.select(layer, plan, q)
                 assert sum(selection.values()) == plan.memory_tokens
                 out = plan.memory.reference_attention(
-                    layer, plan, q, selection, *seq.read(plan, layer, plan.local_start, done + n),
+                    layer, plan, q, selection, *seq.read_layer(layer, plan.local_start, done + n),
                     SCALE, seq.rope)
             else:
                 assert plan.mode == "natural"
-                out, _ = attention_with_lse(q, *seq.read(plan, layer, 0, done + n), SCALE,
+                out, _ = attention_with_lse(q, *seq.read_layer(layer, 0, done + n), SCALE,
                                             torch.arange(done, done + n), torch.arange(done + n))
             outputs[layer][done : done + n] = out
             if plan.observe:

@@ -189,9 +189,9 @@ class RowPlan:
         return torch.arange(self.num_computed, self.end)
 
 
-# reads tokens [start, end) of one batch row and layer from the paged KV cache:
-# (plan, layer, start, end) -> keys, values [end - start, num_kv_heads, head_size]; keys rotated
-TokenReader = Callable[["RowPlan", int, int, int], tuple[torch.Tensor, torch.Tensor]]
+# reads tokens [start, end) of one batch row from layers' paged KV caches:
+# (plan, layers (L,), start, end) -> keys, values [L, end - start, num_kv_heads, head_size]; keys rotated
+TokenReader = Callable[["RowPlan", torch.Tensor, int, int], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -481,13 +481,14 @@ class RequestMemory:
         target = positions if frame == "exact" else anchor - back
         return _rotated(self.store, layer, positions, target, rope)
 
-    def sink_keys(self, layer: int, frame: str, anchor: int, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
-        """K/V of the sinks rotated for the frame: true positions, or A − budget − max_event − S + i."""
+    def sink_keys(self, layers: list[int], frame: str, anchor: int, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V ``[len(layers) * sinks, num_kv_heads, head_size]`` (layer-major) of the
+        sinks rotated for the frame: true positions, or A − budget − max_event − S + i."""
         sinks = self.layout.sinks
-        positions = torch.arange(sinks)
+        positions = torch.arange(sinks).repeat(len(layers))
         shift = anchor - self.layout.max_memory - self.settings.max_event_tokens - sinks
         target = positions if frame == "exact" else positions + shift
-        return _rotated(self.store, layer, positions, target, rope)
+        return _rotated(self.store, torch.tensor(layers).repeat_interleave(sinks), positions, target, rope)
 
     def reference_attention(self, layer: int, plan: RowPlan, query: torch.Tensor,
                             selection: dict[int, int], local_keys: torch.Tensor,
@@ -500,7 +501,7 @@ class RequestMemory:
         Returns:
             ``[q, num_heads, head_size]`` float32.
         """
-        sink_k, sink_v = self.sink_keys(layer, plan.frame, plan.anchor, rope)
+        sink_k, sink_v = self.sink_keys([layer], plan.frame, plan.anchor, rope)
         if selection:
             codes = self.token_codes([layer], [selection], plan.frame)[0]
             mem_k, mem_v = self.code_keys(layer, codes, plan.frame, plan.anchor, rope)
@@ -705,8 +706,7 @@ class EpisodicMemory:
 
     def _read_layers(self, plan: RowPlan, read_tokens: TokenReader, start: int, end: int):
         """K/V ``[num_layers, end - start, num_kv_heads, head_size]`` of a row's tokens."""
-        keys, values = zip(*(read_tokens(plan, layer, start, end) for layer in range(self.shape.num_layers)))
-        return torch.stack(keys), torch.stack(values)
+        return read_tokens(plan, torch.arange(self.shape.num_layers), start, end)
 
     def host_bytes(self) -> int:
         return sum(m.store.nbytes for m in self.requests.values() if m.store is not None)
@@ -730,11 +730,12 @@ class EpisodicMemory:
         the layers (EM-LLM uses the upper layers too)."""
         s = self.settings
         positions = torch.arange(bounds[0], bounds[-1])
-        groups = []
-        for layer in range(self.shape.num_layers // 2, self.shape.num_layers):
-            keys, _ = read_tokens(plan, layer, bounds[0], bounds[-1])
-            groups.append(self.rope.rotate(keys, positions, inverse=True).transpose(0, 1))
-        similarity = key_similarity(torch.cat(groups))
+        layers = torch.arange(self.shape.num_layers // 2, self.shape.num_layers)
+        keys, _ = read_tokens(plan, layers, bounds[0], bounds[-1])  # [layers, n, kv_heads, head_size]
+        n, head_size = keys.shape[1], keys.shape[-1]
+        # one rotation for all layers; the graph takes [layers * kv_heads, n, head_size]
+        flat = self.rope.rotate(keys.transpose(0, 1).reshape(n, -1, head_size), positions, inverse=True)
+        similarity = key_similarity(flat.transpose(0, 1))
         return refine_boundaries(bounds, similarity, bounds[0], s.min_event_tokens, s.max_event_tokens,
                                  s.refinement_metric)
 

@@ -113,7 +113,7 @@ class EpisodicCPUImpl(CPUAttentionBackendImpl):
         retrieving = [(plan, q[plan.first_query : plan.first_query + plan.num_scheduled]) for plan in plans
                       if plan.mode == "assembled" and not plan.selected_ahead]
         if retrieving:
-            runtime.fill_caches(layer_index, retrieving, kv_cache, layer.isa)
+            runtime.fill_caches(layer_index, retrieving, layer.isa)
         super().forward(layer, query, key, value, kv_cache, meta.stock, output,
                         output_scale, output_block_scale)
         out = output[:num_tokens].view(num_tokens, self.num_heads, self.head_size)
@@ -122,7 +122,8 @@ class EpisodicCPUImpl(CPUAttentionBackendImpl):
             if plan.mode == "reference":
                 memory = plan.memory
                 selection = memory.select(layer_index, plan, q[rows])
-                local_k, local_v = runtime.read_tokens(plan, layer_index, plan.local_start, plan.end)
+                local_k, local_v = (t[0] for t in runtime.read_tokens(
+                    plan, torch.tensor([layer_index]), plan.local_start, plan.end))
                 out[rows] = memory.reference_attention(
                     layer_index, plan, q[rows], selection, local_k, local_v, self.scale, runtime.rope
                 ).to(out.dtype)

@@ -90,3 +90,62 @@ def write_slots(kv_cache: torch.Tensor, isa: str, slots: torch.Tensor, keys: tor
         keys.to(kv_cache.dtype).contiguous(), values.to(kv_cache.dtype).contiguous(),
         key_cache, value_cache, slots, isa, k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto",
     )
+
+
+@dataclass(frozen=True)
+class StackedCaches:
+    """Every layer's paged KV cache seen as one cache, so that reads and writes for many
+    layers are one gather or one op call.
+
+    vLLM 0.32 allocates all layers' caches in one backing buffer (``allocate_kv_cache``),
+    each layer's contiguous: block ``b`` of layer ``l`` is block ``first_block[l] + b`` of
+    the buffer seen as a cache of the same block shape.
+    """
+
+    cache: torch.Tensor  # [all blocks, num_kv_heads, block_size, 2 * head_size]
+    first_block: torch.Tensor  # [layers] int64
+
+    @classmethod
+    def of(cls, caches: list[torch.Tensor]) -> StackedCaches:
+        first = caches[0]
+        page_bytes = first[0].numel() * first.element_size()
+        storage = first.untyped_storage().data_ptr()
+        if any(c.shape != first.shape or c.dtype != first.dtype or not c.is_contiguous()
+               or c.untyped_storage().data_ptr() != storage for c in caches):
+            raise ValueError("the episodic backend expects every layer's KV cache contiguous, of one "
+                             "shape, in one allocation (vLLM 0.32's layout); this vLLM lays them out "
+                             "otherwise")
+        starts = torch.tensor([c.data_ptr() for c in caches])
+        offsets = starts - starts.min()
+        if bool((offsets % page_bytes).any()):
+            raise ValueError("the layers' KV caches are not a whole number of blocks apart")
+        lowest = caches[int(starts.argmin())]
+        blocks = int(offsets.max()) // page_bytes + first.shape[0]
+        cache = lowest.as_strided((blocks, *first.shape[1:]), first.stride(), lowest.storage_offset())
+        return cls(cache, offsets // page_bytes)
+
+    @property
+    def block_size(self) -> int:
+        return self.cache.shape[2]
+
+    def slots(self, layers: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Slots of the stacked cache of each layer's (absolute) ``slots``; broadcasts."""
+        return self.first_block[layers] * self.block_size + slots
+
+    def element_base(self, layers: torch.Tensor) -> torch.Tensor:
+        """Flat element offset of each layer's cache in :attr:`cache` viewed as 1-D."""
+        return self.first_block[layers] * self.cache[0].numel()
+
+    def read(self, layers: torch.Tensor, key_at: torch.Tensor, value_at: torch.Tensor):
+        """K/V at flat element offsets ``key_at``/``value_at`` (:func:`slot_offsets`) of
+        each layer's cache, one gather each; ``layers`` broadcasts against the offsets
+        (``[n, 1, 1]``: one layer per token, ``[L, 1, 1, 1]``: every token in L layers)."""
+        flat = self.cache.view(-1)
+        base = self.element_base(layers)
+        return flat[base + key_at], flat[base + value_at]
+
+    def write(self, isa: str, layers: torch.Tensor, slots: torch.Tensor, keys: torch.Tensor,
+              values: torch.Tensor) -> None:
+        """Write ``keys``/``values`` ``[n, num_kv_heads, head_size]`` at each token's layer
+        and slot (``layers``, ``slots``: ``(n,)`` or broadcastable), one op call."""
+        write_slots(self.cache, isa, self.slots(layers, slots).flatten(), keys, values)

@@ -80,7 +80,7 @@ class WorkerRuntime:
     def __init__(self, runner):
         from vllm.model_executor.models.utils import extract_layer_index
 
-        from vllm_episodic.integration.paged_kv import probe_layout
+        from vllm_episodic.integration.paged_kv import StackedCaches, probe_layout
         from vllm_episodic.integration.rope_patch import model_rope
         from vllm_episodic.integration.selection import episodic_config, trained_len
 
@@ -110,13 +110,11 @@ class WorkerRuntime:
             self.isa, model_config.dtype,
             vllm_config.cache_config.block_size, shape.head_size,
         )
+        self.caches = StackedCaches.of(list(runner.kv_caches))
         # request ids of the batch that _update_states prepared, in row order;
         # consumed by the first metadata build of the step (dummy runs find None)
         self._pending_req_ids: list[str] | None = None
         self.plans: list[RowPlan] | None = None
-        # (plan, (start, end), key offsets, value offsets) of the last read_tokens range,
-        # dropped at the end of each step
-        self._read_offsets: tuple | None = None
         self._computing_surprise = False
         _runtimes[id(vllm_config)] = self
         from vllm_episodic.integration.runner_hooks import install_model_hooks
@@ -172,86 +170,65 @@ class WorkerRuntime:
         max_tokens = state.sampling_params.max_tokens or self.max_model_len
         return max(seq_len, min(self.max_model_len, state.num_prompt_tokens + max_tokens))
 
-    def read_tokens(self, plan: RowPlan, layer: int, start: int, end: int):
-        """K/V ``[end - start, num_kv_heads, head_size]`` of tokens [start, end) of a row
-        from layer's paged KV cache. Callers read one range for every layer in turn, so
-        the range's element offsets (the same in every layer's cache) are kept between
-        calls: each layer costs two gathers."""
+    def read_tokens(self, plan: RowPlan, layers: torch.Tensor, start: int, end: int):
+        """K/V ``[len(layers), end - start, num_kv_heads, head_size]`` of tokens
+        [start, end) of a row from the layers' paged KV caches (one gather each)."""
         from vllm_episodic.integration.paged_kv import slot_offsets
 
-        cached = self._read_offsets
-        if cached is None or cached[0] is not plan or cached[1] != (start, end):
-            slots = _token_slots(plan.block_row, start, end, self.layout.block_size)
-            cached = (plan, (start, end), *slot_offsets(self.layout, slots, self.memory.shape.num_kv_heads))
-            self._read_offsets = cached
-        flat = self.runner.kv_caches[layer].view(-1)
-        return flat[cached[2]], flat[cached[3]]
+        slots = _token_slots(plan.block_row, start, end, self.layout.block_size)
+        key_at, value_at = slot_offsets(self.layout, slots, self.memory.shape.num_kv_heads)
+        return self.caches.read(layers.view(-1, 1, 1, 1), key_at, value_at)
 
-    def fill_caches(self, layer: int, rows: list[tuple[RowPlan, torch.Tensor]], kv_cache: torch.Tensor,
-                    isa: str) -> None:
+    def fill_caches(self, layer: int, rows: list[tuple[RowPlan, torch.Tensor]], isa: str) -> None:
         """Retrieve this layer's events for these rows (each with its queries; one
         retrieval for all) and copy them into each row's cache slots, so that the
         attended blocks hold sinks + exactly the selected tokens."""
         for (plan, _), selection in zip(rows, select_layer(layer, rows)):
-            self._fill_slots(plan, [layer], [selection], [kv_cache], isa)
+            self._fill_slots(plan, [layer], [selection], isa)
 
     def select_ahead(self, plans: list[RowPlan]) -> None:
         """The decode rows' retrieval for every layer before the layers run (from the
         previous token's queries, all rows in one retrieval), then each row's slot copies
-        in one gather for all layers."""
+        for all layers at once."""
         for plan, selections in zip(plans, select_ahead(plans)):
             if plan.mode == "assembled":
-                layers = range(len(selections))
-                self._fill_slots(plan, layers, selections, [self.runner.kv_caches[i] for i in layers], self.isa)
+                self._fill_slots(plan, list(range(len(selections))), selections, self.isa)
 
-    def _fill_slots(self, plan: RowPlan, layers, selections: list[dict[int, int]], caches: list[torch.Tensor],
-                    isa: str) -> None:
+    def _fill_slots(self, plan: RowPlan, layers: list[int], selections: list[dict[int, int]], isa: str) -> None:
         """Make each layer's attended cache slots hold its selection: one slot-table
         update, one gather (and rotation) from the host store for all the layers' missing
-        tokens, then per layer one copy within the cache and one write.
-
-        Args:
-            layers, selections, caches: each layer, its selection and its paged KV cache.
-        """
-        from vllm_episodic.integration.paged_kv import write_slots
-
+        tokens, one copy within the caches and one write (all layers' caches are one
+        :class:`StackedCaches`)."""
         memory = plan.memory
         layout = self.memory.layout
+        caches = self.caches
         wanted = ("natural", None) if plan.frame == "exact" else ("bounded", plan.anchor)
-        for layer, kv_cache in zip(layers, caches):
-            if memory.sink_state[layer] != wanted:
-                sink_slots = _token_slots(plan.block_row, 0, layout.sinks, self.layout.block_size)
-                write_slots(kv_cache, isa, sink_slots, *memory.sink_keys(layer, plan.frame, plan.anchor, self.rope))
+        stale = [layer for layer in layers if memory.sink_state[layer] != wanted]
+        if stale:
+            sink_slots = _token_slots(plan.block_row, 0, layout.sinks, self.layout.block_size)
+            keys, values = memory.sink_keys(stale, plan.frame, plan.anchor, self.rope)
+            caches.write(isa, torch.tensor(stale)[:, None], sink_slots[None, :], keys, values)
+            for layer in stale:
                 memory.sink_state[layer] = wanted
         # layers whose slots already hold their selection (steps between retrievals) skip
-        todo = [(layer, selection, kv_cache) for layer, selection, kv_cache in zip(layers, selections, caches)
+        todo = [(layer, selection) for layer, selection in zip(layers, selections)
                 if memory.filled[layer] != selection]
         if not todo:
             return
         began = time.perf_counter()
-        layers, selections, caches = zip(*todo)
-        cache_of = dict(zip(layers, caches))
+        layers, selections = (list(t) for t in zip(*todo))
         codes = memory.token_codes(layers, selections, plan.frame)
         changes = memory.slots.update(torch.tensor(layers), codes, plan.cache_slots)
         absolute, key_at, value_at = _cache_slots(plan, layout, self.layout)
         if changes.move_layer.numel():
-            # moves read every source before writing (a slot can be both)
-            for layer in changes.move_layer.unique().tolist():
-                index = (changes.move_layer == layer).nonzero().flatten()
-                flat = cache_of[layer].view(-1)
-                source = changes.move_from[index]
-                write_slots(cache_of[layer], isa, absolute[changes.move_to[index]],
-                            flat[key_at[source]], flat[value_at[source]])
+            # every source is read before any slot is written (a slot can be both)
+            source = changes.move_from
+            keys, values = caches.read(changes.move_layer.view(-1, 1, 1), key_at[source], value_at[source])
+            caches.write(isa, changes.move_layer, absolute[changes.move_to], keys, values)
         if changes.load_layer.numel():
             which = layers[0] if len(layers) == 1 else changes.load_layer
             keys, values = memory.code_keys(which, changes.load_code, plan.frame, plan.anchor, self.rope)
-            # loads come grouped by layer
-            done = 0
-            for layer, count in zip(*(t.tolist() for t in torch.unique_consecutive(changes.load_layer,
-                                                                                return_counts=True))):
-                part = slice(done, done + count)
-                write_slots(cache_of[layer], isa, absolute[changes.load_to[part]], keys[part], values[part])
-                done += count
+            caches.write(isa, changes.load_layer, absolute[changes.load_to], keys, values)
             self.stats.observe("prefetch_latency_seconds", time.perf_counter() - began)
         for layer, selection in zip(layers, selections):
             memory.filled[layer] = selection
@@ -293,7 +270,6 @@ class WorkerRuntime:
                 plan.memory.record_surprise(plan.num_computed + 1, values[offset : offset + n])
                 offset += n
         self.memory.end_step(plans, self.read_tokens)
-        self._read_offsets = None  # it holds a plan of this step
         self.publish()
 
     def after_logits(self, logits: torch.Tensor) -> None:
