@@ -27,6 +27,7 @@ from vllm_episodic import envs
 from vllm_episodic.core.memory import BatchRow, EpisodicMemory, ModelShape, RowPlan, select_ahead, select_layer
 from vllm_episodic.core.rope import Rope
 from vllm_episodic.core.surprise import surprise_from_logits, token_surprise
+from vllm_episodic.integration.paged_kv import StackedCaches
 from vllm_episodic.metrics import Stats, StatsPublisher, metrics_dir
 
 # id(VllmConfig) -> runtime; each runtime keeps its config alive, so ids stay unique
@@ -80,7 +81,7 @@ class WorkerRuntime:
     def __init__(self, runner):
         from vllm.model_executor.models.utils import extract_layer_index
 
-        from vllm_episodic.integration.paged_kv import StackedCaches, probe_layout
+        from vllm_episodic.integration.paged_kv import probe_layout
         from vllm_episodic.integration.rope_patch import model_rope
         from vllm_episodic.integration.selection import episodic_config, trained_len
 
@@ -110,7 +111,7 @@ class WorkerRuntime:
             self.isa, model_config.dtype,
             vllm_config.cache_config.block_size, shape.head_size,
         )
-        self.caches = StackedCaches.of(list(runner.kv_caches))
+        self._stacked: tuple[torch.Tensor, StackedCaches] | None = None
         # request ids of the batch that _update_states prepared, in row order;
         # consumed by the first metadata build of the step (dummy runs find None)
         self._pending_req_ids: list[str] | None = None
@@ -120,6 +121,14 @@ class WorkerRuntime:
         from vllm_episodic.integration.runner_hooks import install_model_hooks
 
         install_model_hooks(self, runner.get_model())
+
+    @property
+    def caches(self) -> StackedCaches:
+        """The runner's KV caches as one; rebuilt if vLLM allocated them anew."""
+        first = self.runner.kv_caches[0]
+        if self._stacked is None or self._stacked[0] is not first:
+            self._stacked = (first, StackedCaches.of(list(self.runner.kv_caches)))
+        return self._stacked[1]
 
     def layer_index(self, layer_name: str) -> int:
         return self._layer_index(layer_name)
