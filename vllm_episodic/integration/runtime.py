@@ -111,7 +111,9 @@ class WorkerRuntime:
             self.isa, model_config.dtype,
             vllm_config.cache_config.block_size, shape.head_size,
         )
-        self._stacked: tuple[torch.Tensor, StackedCaches] | None = None
+        # (the runner's first cache, all caches as one); built now so that a KV layout
+        # the view cannot address fails at start-up
+        self._stacked: tuple[torch.Tensor, StackedCaches] = self._stack_caches()
         # request ids of the batch that _update_states prepared, in row order;
         # consumed by the first metadata build of the step (dummy runs find None)
         self._pending_req_ids: list[str] | None = None
@@ -122,12 +124,14 @@ class WorkerRuntime:
 
         install_model_hooks(self, runner.get_model())
 
+    def _stack_caches(self) -> tuple[torch.Tensor, StackedCaches]:
+        return self.runner.kv_caches[0], StackedCaches.of(list(self.runner.kv_caches))
+
     @property
     def caches(self) -> StackedCaches:
         """The runner's KV caches as one; rebuilt if vLLM allocated them anew."""
-        first = self.runner.kv_caches[0]
-        if self._stacked is None or self._stacked[0] is not first:
-            self._stacked = (first, StackedCaches.of(list(self.runner.kv_caches)))
+        if self._stacked[0] is not self.runner.kv_caches[0]:
+            self._stacked = self._stack_caches()
         return self._stacked[1]
 
     def layer_index(self, layer_name: str) -> int:
