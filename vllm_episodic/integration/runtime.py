@@ -27,7 +27,7 @@ from vllm_episodic import envs
 from vllm_episodic.core.memory import BatchRow, EpisodicMemory, ModelShape, RowPlan, select_ahead, select_layer
 from vllm_episodic.core.rope import Rope
 from vllm_episodic.core.surprise import surprise_from_logits, token_surprise
-from vllm_episodic.integration.paged_kv import StackedCaches
+from vllm_episodic.integration.paged_kv import StackedCaches, probe_layout, slot_offsets
 from vllm_episodic.metrics import Stats, StatsPublisher, metrics_dir
 
 # id(VllmConfig) -> runtime; each runtime keeps its config alive, so ids stay unique
@@ -54,8 +54,6 @@ def _cache_slots(plan: RowPlan, layout, kv_layout) -> tuple[torch.Tensor, torch.
     """The row's event-cache slots in the paged KV cache: absolute slot ``(slots,)`` and
     the flat element offsets of their keys and values ``[slots, num_kv_heads, head_size]``
     (moves read through them). Kept with the request while its cache blocks stay the same."""
-    from vllm_episodic.integration.paged_kv import slot_offsets
-
     bs = kv_layout.block_size
     blocks = plan.block_row[layout.sinks // bs : layout.cache_end // bs].long()
     cached = plan.memory.engine_state.get("cache_slots")
@@ -81,7 +79,6 @@ class WorkerRuntime:
     def __init__(self, runner):
         from vllm.model_executor.models.utils import extract_layer_index
 
-        from vllm_episodic.integration.paged_kv import probe_layout
         from vllm_episodic.integration.rope_patch import model_rope
         from vllm_episodic.integration.selection import episodic_config, trained_len
 
@@ -186,8 +183,6 @@ class WorkerRuntime:
     def read_tokens(self, plan: RowPlan, layers: torch.Tensor, start: int, end: int):
         """K/V ``[len(layers), end - start, num_kv_heads, head_size]`` of tokens
         [start, end) of a row from the layers' paged KV caches (one gather each)."""
-        from vllm_episodic.integration.paged_kv import slot_offsets
-
         slots = _token_slots(plan.block_row, start, end, self.layout.block_size)
         key_at, value_at = slot_offsets(self.layout, slots, self.memory.shape.num_kv_heads)
         return self.caches.read(layers.view(-1, 1, 1, 1), key_at, value_at)
