@@ -76,28 +76,39 @@ def test_surprise_matches_transformers(make_llm, model_dir):
     assert ours.max() > 5  # real values, not zeros
 
 
-def test_assembled_attention_equals_the_torch_reference(episodic, make_llm, monkeypatch):
+@pytest.mark.parametrize("interval", [1, 4])
+def test_assembled_attention_equals_the_torch_reference(episodic, make_llm, monkeypatch, interval):
     """The platform op over assembled block tables computes what the torch reference
     computes (same retrieval, same positions), in both position frames. Decode steps
     retrieve for all layers of all rows ahead of them, in one call (one gather then fills
-    each row's slots for every layer)."""
+    each row's slots for every layer); with ``retrieval_interval`` 4 the steps between
+    retrievals attend the slots as the retrieval left them, selecting nothing."""
     from vllm import SamplingParams
 
     from vllm_episodic.integration import runtime
 
-    ahead = []
+    ahead, layer_fills = [], []
     select_ahead = runtime.select_ahead
     monkeypatch.setattr(runtime, "select_ahead", lambda plans: ahead.append(len(plans)) or select_ahead(plans))
+    fill_caches = runtime.WorkerRuntime.fill_caches
+    monkeypatch.setattr(runtime.WorkerRuntime, "fill_caches", lambda self, layer, rows: layer_fills.append(
+        all(plan.num_scheduled == 1 for plan, _ in rows)) or fill_caches(self, layer, rows))
 
+    settings = {**SMALL, "retrieval_interval": interval}
     params = SamplingParams(temperature=0.0, max_tokens=8, logprobs=0, ignore_eos=True)
     prompts = [_prompt(2400, seed=21), _prompt(1800, seed=22)]
     os.environ["VLLM_EPISODIC_REFERENCE"] = "1"
     try:
         reference = make_llm(attention_backend="episodic", dtype="float32", max_num_batched_tokens=512,
-                             additional_config={"episodic": SMALL}, seed=1)
+                             additional_config={"episodic": settings}, seed=1)
     finally:
         del os.environ["VLLM_EPISODIC_REFERENCE"]
+    if interval != 1:
+        episodic = make_llm(attention_backend="episodic", dtype="float32", max_num_batched_tokens=512,
+                            additional_config={"episodic": settings})
     assert runtime_of(reference).memory.reference and not runtime_of(episodic).memory.reference
+    ahead.clear()
+    layer_fills.clear()
     for fast, slow in zip(episodic.generate(prompts, params, use_tqdm=False),
                           reference.generate(prompts, params, use_tqdm=False)):
         assert fast.outputs[0].token_ids == slow.outputs[0].token_ids
@@ -106,8 +117,14 @@ def test_assembled_attention_equals_the_torch_reference(episodic, make_llm, monk
             assert ta == tb and abs(la.logprob - lb.logprob) < 2e-3
     stats = runtime_of(episodic).stats
     assert stats.get("events_created") > 0 and stats.get("device_cache_misses") > 0
-    # both engines, (nearly) every decode step; once both prompts decode, their rows in one call
-    assert len(ahead) >= 2 * 2 * 6 - 2 * ahead.count(2) and ahead.count(2) >= 2 * 2
+    if interval == 1:
+        # both engines, (nearly) every decode step; once both prompts decode, their rows in one call
+        assert len(ahead) >= 2 * 2 * 6 - 2 * ahead.count(2) and ahead.count(2) >= 2 * 2
+    else:
+        # decode steps 0 and 4 of each request retrieve ahead (both engines); no decode
+        # step selects per layer
+        assert 2 <= sum(ahead) <= 2 * 2 * 2
+        assert layer_fills and not any(layer_fills)
 
 
 def test_host_store_holds_the_models_keys_and_values(episodic, model_dir):

@@ -251,6 +251,54 @@ def test_retrieval_interval_keeps_a_layers_selection_between_retrievals():
     assert plan.refresh  # a prefill chunk always retrieves
 
 
+def test_decode_steps_between_retrievals_made_ahead_skip_the_layers_selection():
+    """After a decode step that retrieved for every layer ahead of them, the steps up to
+    the next retrieval are planned as selected ahead (the layers keep those selections,
+    their slots already hold them); a layer retrieving on its own, a new anchor or the
+    next retrieval ends that."""
+    seq = Sequence(700)
+    config = settings(retrieval_budget_tokens=64, retrieval_interval=3, positions="bounded")
+    _, memory = run(seq, config, [600])
+    request = memory.requests["r"]
+
+    def step(done, ahead=True):
+        (plan,) = memory.plan_step([BatchRow("r", done, 1, capacity=700)])
+        if ahead and request.can_select_ahead(plan):
+            select_ahead([plan])
+        for layer in range(LAYERS):
+            request.note_query(layer, seq.q[layer][done], done)
+        return plan
+
+    for layer in range(LAYERS):
+        request.note_query(layer, seq.q[layer][599], 599)
+    plans = [step(done) for done in range(600, 609)]  # retrievals at 600, 603, 606
+    assert [p.refresh for p in plans] == [False] * 9  # select_ahead spent each refresh
+    assert [p.selected_ahead for p in plans] == [True] * 9
+    for layer in range(LAYERS):
+        kept = request.retained[layer][1]
+        assert request.select(layer, plans[-1], seq.q[layer][608:609]) is kept
+    # a layer that retrieves on its own ends it until the next select_ahead
+    plan = step(609, ahead=False)
+    assert plan.refresh and not plan.selected_ahead
+    select_layer(0, [(plan, seq.q[0][609:610])])
+    assert [step(done).selected_ahead for done in (610, 611)] == [False, False]
+    assert step(612).refresh is False and request.ahead_key is not None  # retrieved ahead again
+    plan = step(613)
+    assert plan.selected_ahead and not plan.refresh
+    # a new anchor ends it too
+    request.anchor -= 1000
+    plan = step(614)
+    assert plan.rewrite and not plan.selected_ahead
+    # memory that fits the budget is attended whole, not what was retained
+    short = Sequence(200)
+    _, whole = run(short, settings(retrieval_interval=3), [150])
+    small = whole.requests["r"]
+    (plan,) = whole.plan_step([BatchRow("r", 150, 1, capacity=200)])
+    small.ahead_key = (plan.memory_tokens, plan.frame, plan.anchor)
+    assert plan.everything and small.select(0, plan, short.q[0][150:151]) == plan.everything
+    assert small.ahead_key is None
+
+
 def test_host_memory_cap_evicts_least_recently_retrieved_pages():
     seq = Sequence(1200)
     page_bytes = 2 * LAYERS * KV_HEADS * 4096 * DIM * 4

@@ -178,7 +178,9 @@ class RowPlan:
     refresh: bool = True
     """retrieve in this step (else layers keep their last selection when still valid)"""
     selected_ahead: bool = False
-    """every layer's selection was made (and its slots filled) before the layers ran"""
+    """every layer's selection was made (and its slots filled) before the layers ran: in
+    this step, or in the decode step that last retrieved (the steps up to the next
+    retrieval keep it, so the layers have nothing to select or copy)"""
 
     @property
     def end(self) -> int:
@@ -232,6 +234,9 @@ class RequestMemory:
     last_query_noted: list[int] = field(init=False)
     """per layer: the position of its query in ``last_queries`` (-1: none)"""
     decode_steps: int = 0
+    ahead_key: tuple | None = None
+    """``(budget, frame, anchor)`` of the last :func:`select_ahead` while every layer
+    still keeps the selection it made (None once a layer retrieves on its own)"""
 
     def __post_init__(self):
         s = self.settings
@@ -283,6 +288,7 @@ class RequestMemory:
         if rewrite:
             self.slots.clear()
             self.filled = [None] * self.shape.num_layers
+            self.ahead_key = None
         anchor = self.anchor or 0
         local_start = self.open_start // self.shape.block_size * self.shape.block_size
         if self.store is None or self.store.num_events == 0 or local_start <= lay.sinks:
@@ -371,6 +377,7 @@ class RequestMemory:
             return {}
         if plan.everything is not None:
             self.store.touch(list(plan.everything), plan.end)
+            self.ahead_key = None  # the slots will hold everything, not the retained selection
             return dict(plan.everything)
         kept = self.retained[layer]
         if not plan.refresh and kept is not None and kept[0] == (budget, plan.frame, plan.anchor):
@@ -421,6 +428,7 @@ class RequestMemory:
         key = (plan.memory_tokens, plan.frame, plan.anchor)
         for layer, selection in zip(layers, selections):
             self.retained[layer] = (key, selection)
+        self.ahead_key = None
 
     @property
     def code_span(self) -> int:
@@ -587,7 +595,10 @@ def select_ahead(plans: list[RowPlan]) -> list[list[dict[int, int]]]:
         memory = plan.memory
         parts.append((memory, list(range(memory.shape.num_layers)), plan, memory.score_ahead(plan)))
         plan.refresh, plan.selected_ahead = False, True
-    return retrieve_rows(parts)
+    selections = retrieve_rows(parts)
+    for plan in plans:
+        plan.memory.ahead_key = (plan.memory_tokens, plan.frame, plan.anchor)
+    return selections
 
 
 def _rotated(store: HostStore, layer: int | torch.Tensor, positions: torch.Tensor, target: torch.Tensor,
@@ -657,6 +668,10 @@ class EpisodicMemory:
             )
             if mode != "natural" and memory_tokens > 0:
                 self._plan_retrieval(plan)
+                # between decode retrievals every layer keeps what select_ahead chose
+                # for it (and the slots hold that): the layers skip selection entirely
+                plan.selected_ahead = (not plan.refresh and plan.everything is None
+                                       and memory.ahead_key == (memory_tokens, plan.frame, anchor))
             plans.append(plan)
             first_query += row.num_scheduled
         self.update_gauges()

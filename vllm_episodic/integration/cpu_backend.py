@@ -113,7 +113,7 @@ class EpisodicCPUImpl(CPUAttentionBackendImpl):
         retrieving = [(plan, q[plan.first_query : plan.first_query + plan.num_scheduled]) for plan in plans
                       if plan.mode == "assembled" and not plan.selected_ahead]
         if retrieving:
-            runtime.fill_caches(layer_index, retrieving, layer.isa)
+            runtime.fill_caches(layer_index, retrieving)
         super().forward(layer, query, key, value, kv_cache, meta.stock, output,
                         output_scale, output_block_scale)
         out = output[:num_tokens].view(num_tokens, self.num_heads, self.head_size)

@@ -187,12 +187,12 @@ class WorkerRuntime:
         key_at, value_at = slot_offsets(self.layout, slots, self.memory.shape.num_kv_heads)
         return self.caches.read(layers.view(-1, 1, 1, 1), key_at, value_at)
 
-    def fill_caches(self, layer: int, rows: list[tuple[RowPlan, torch.Tensor]], isa: str) -> None:
+    def fill_caches(self, layer: int, rows: list[tuple[RowPlan, torch.Tensor]]) -> None:
         """Retrieve this layer's events for these rows (each with its queries; one
         retrieval for all) and copy them into each row's cache slots, so that the
         attended blocks hold sinks + exactly the selected tokens."""
         for (plan, _), selection in zip(rows, select_layer(layer, rows)):
-            self._fill_slots(plan, [layer], [selection], isa)
+            self._fill_slots(plan, [layer], [selection])
 
     def select_ahead(self, plans: list[RowPlan]) -> None:
         """The decode rows' retrieval for every layer before the layers run (from the
@@ -200,9 +200,9 @@ class WorkerRuntime:
         for all layers at once."""
         for plan, selections in zip(plans, select_ahead(plans)):
             if plan.mode == "assembled":
-                self._fill_slots(plan, list(range(len(selections))), selections, self.isa)
+                self._fill_slots(plan, list(range(len(selections))), selections)
 
-    def _fill_slots(self, plan: RowPlan, layers: list[int], selections: list[dict[int, int]], isa: str) -> None:
+    def _fill_slots(self, plan: RowPlan, layers: list[int], selections: list[dict[int, int]]) -> None:
         """Make each layer's attended cache slots hold its selection: one slot-table
         update, one gather (and rotation) from the host store for all the layers' missing
         tokens, one copy within the caches and one write (all layers' caches are one
@@ -215,7 +215,7 @@ class WorkerRuntime:
         if stale:
             sink_slots = _token_slots(plan.block_row, 0, layout.sinks, self.layout.block_size)
             keys, values = memory.sink_keys(stale, plan.frame, plan.anchor, self.rope)
-            caches.write(isa, torch.tensor(stale)[:, None], sink_slots[None, :], keys, values)
+            caches.write(self.isa, torch.tensor(stale)[:, None], sink_slots[None, :], keys, values)
             for layer in stale:
                 memory.sink_state[layer] = wanted
         # layers whose slots already hold their selection (steps between retrievals) skip
@@ -232,11 +232,11 @@ class WorkerRuntime:
             # every source is read before any slot is written (a slot can be both)
             source = changes.move_from
             keys, values = caches.read(changes.move_layer.view(-1, 1, 1), key_at[source], value_at[source])
-            caches.write(isa, changes.move_layer, absolute[changes.move_to], keys, values)
+            caches.write(self.isa, changes.move_layer, absolute[changes.move_to], keys, values)
         if changes.load_layer.numel():
             which = layers[0] if len(layers) == 1 else changes.load_layer
             keys, values = memory.code_keys(which, changes.load_code, plan.frame, plan.anchor, self.rope)
-            caches.write(isa, changes.load_layer, absolute[changes.load_to], keys, values)
+            caches.write(self.isa, changes.load_layer, absolute[changes.load_to], keys, values)
             self.stats.observe("prefetch_latency_seconds", time.perf_counter() - began)
         for layer, selection in zip(layers, selections):
             memory.filled[layer] = selection
