@@ -294,7 +294,7 @@ def test_decode_steps_between_retrievals_made_ahead_skip_the_layers_selection():
     _, whole = run(short, settings(retrieval_interval=3), [150])
     small = whole.requests["r"]
     (plan,) = whole.plan_step([BatchRow("r", 150, 1, capacity=200)])
-    small.ahead_key = (plan.memory_tokens, plan.frame, plan.anchor)
+    small.ahead_key = plan.selection_key
     assert plan.everything and small.select(0, plan, short.q[0][150:151]) == plan.everything
     assert small.ahead_key is None
 

@@ -187,6 +187,12 @@ class RowPlan:
         return self.num_computed + self.num_scheduled
 
     @property
+    def selection_key(self) -> tuple[int, str, int]:
+        """What a selection is valid for: budget, frame and anchor (a kept selection is
+        reused only while these stay the same)."""
+        return self.memory_tokens, self.frame, self.anchor
+
+    @property
     def query_positions(self) -> torch.Tensor:
         return torch.arange(self.num_computed, self.end)
 
@@ -380,7 +386,7 @@ class RequestMemory:
             self.ahead_key = None  # the slots will hold everything, not the retained selection
             return dict(plan.everything)
         kept = self.retained[layer]
-        if not plan.refresh and kept is not None and kept[0] == (budget, plan.frame, plan.anchor):
+        if not plan.refresh and kept is not None and kept[0] == plan.selection_key:
             return kept[1]
         return None
 
@@ -425,7 +431,7 @@ class RequestMemory:
 
     def _retain(self, layers: list[int], plan: RowPlan, selections: list[dict[int, int]]) -> None:
         """Record the layers' selections for the steps that do not retrieve."""
-        key = (plan.memory_tokens, plan.frame, plan.anchor)
+        key = plan.selection_key
         for layer, selection in zip(layers, selections):
             self.retained[layer] = (key, selection)
         self.ahead_key = None
@@ -597,7 +603,7 @@ def select_ahead(plans: list[RowPlan]) -> list[list[dict[int, int]]]:
         plan.refresh, plan.selected_ahead = False, True
     selections = retrieve_rows(parts)
     for plan in plans:
-        plan.memory.ahead_key = (plan.memory_tokens, plan.frame, plan.anchor)
+        plan.memory.ahead_key = plan.selection_key
     return selections
 
 
@@ -671,7 +677,7 @@ class EpisodicMemory:
                 # between decode retrievals every layer keeps what select_ahead chose
                 # for it (and the slots hold that): the layers skip selection entirely
                 plan.selected_ahead = (not plan.refresh and plan.everything is None
-                                       and memory.ahead_key == (memory_tokens, plan.frame, anchor))
+                                       and memory.ahead_key == plan.selection_key)
             plans.append(plan)
             first_query += row.num_scheduled
         self.update_gauges()
