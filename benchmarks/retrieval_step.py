@@ -56,8 +56,8 @@ def build(args, requests: int) -> EpisodicMemory:
             n = min(CHUNK, args.context - start)
             (plan,) = memory.plan_step([BatchRow(f"r{r}", start, n, capacity=args.context + 1024)])
             plan.memory.record_surprise(0, surprise[: start + n])
-            for layer in range(args.layers):
-                plan.memory.observe(layer, torch.randn(32, args.heads, args.head_size, generator=g).bfloat16())
+            queries = torch.randn(args.layers, 32, args.heads, args.head_size, generator=g).bfloat16()
+            plan.memory.keep_queries(queries, start + n - 1)
             memory.end_step([plan], lambda p, layer, a, b: (kv[0][layer, a:b], kv[1][layer, a:b]))
     return memory
 
@@ -84,9 +84,8 @@ def measure(args, requests: int) -> dict:
             plans = memory.plan_step([BatchRow(n, position, 1, capacity=args.context + 1024) for n in names])
             for plan in plans:
                 plan.refresh = True  # retrieve in every timed step
-                for layer in range(args.layers):
-                    query = torch.randn(args.heads, args.head_size, generator=g).bfloat16()
-                    plan.memory.note_query(layer, query, position - 1)
+                queries = torch.randn(args.layers, 1, args.heads, args.head_size, generator=g).bfloat16()
+                plan.memory.keep_queries(queries, position - 1)
             scoring[0] = 0.0
             began = time.perf_counter()
             selections = select_ahead(plans)

@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from vllm_episodic.core.attention import attention_with_lse
-from vllm_episodic.core.memory import BatchRow, EpisodicMemory, ModelShape, select_ahead, select_layer
+from vllm_episodic.core.memory import (
+    OBSERVATION_QUERIES, BatchRow, EpisodicMemory, ModelShape, select_ahead, select_layer,
+)
 from vllm_episodic.core.rope import Rope, rope_table
 from vllm_episodic.metrics import Stats
 
@@ -52,6 +54,10 @@ class Sequence:
     def read_layer(self, layer, start, end):
         return self.k[layer][start:end], self.v[layer][start:end]
 
+    def keep_query(self, request, position):
+        """What a step ending at ``position`` keeps: every layer's query there."""
+        request.keep_queries(torch.stack([q[position : position + 1] for q in self.q]), position)
+
 
 BLOCK = 16
 
@@ -79,8 +85,7 @@ def run(seq, config, chunks, trained_len=4096):
                 out, _ = attention_with_lse(q, *seq.read_layer(layer, 0, done + n), SCALE,
                                             torch.arange(done, done + n), torch.arange(done + n))
             outputs[layer][done : done + n] = out
-            if plan.observe:
-                plan.memory.observe(layer, q)
+            memory.record_queries(layer, q)
         memory.end_step([plan], seq.read)
         done += n
     return outputs, memory
@@ -265,12 +270,9 @@ def test_decode_steps_between_retrievals_made_ahead_skip_the_layers_selection():
         (plan,) = memory.plan_step([BatchRow("r", done, 1, capacity=700)])
         if ahead and request.can_select_ahead(plan):
             select_ahead([plan])
-        for layer in range(LAYERS):
-            request.note_query(layer, seq.q[layer][done], done)
+        seq.keep_query(request, done)
         return plan
 
-    for layer in range(LAYERS):
-        request.note_query(layer, seq.q[layer][599], 599)
     plans = [step(done) for done in range(600, 609)]  # retrievals at 600, 603, 606
     assert [p.refresh for p in plans] == [False] * 9  # select_ahead spent each refresh
     assert [p.selected_ahead for p in plans] == [True] * 9
@@ -379,6 +381,45 @@ def test_store_gathers_tokens_of_several_layers_at_once():
         assert torch.equal(got_v[i], values[layers[i], :, positions[i]])
 
 
+def test_each_row_keeps_its_latest_queries_of_every_layer_from_one_gather_per_layer():
+    """The layers hand the whole batch's queries over once each (record_queries); at the
+    end of the step every observing row keeps, for every layer, its latest
+    OBSERVATION_QUERIES queries (the ring) and its last query with its position."""
+    memory = EpisodicMemory(settings(), ModelShape(LAYERS, HEADS, KV_HEADS, DIM, torch.float32, 4096, BLOCK),
+                            Sequence(1).rope, Stats())
+    history = {"a": [[] for _ in range(LAYERS)], "b": [[] for _ in range(LAYERS)]}
+    g = torch.Generator().manual_seed(3)
+
+    def step(rows, layers=range(LAYERS)):
+        plans = memory.plan_step([BatchRow(name, done, n, capacity=500) for name, done, n in rows])
+        total = sum(n for *_, n in rows)
+        for layer in layers:
+            q = torch.randn(total, HEADS, DIM, generator=g)
+            memory.record_queries(layer, q)
+            for plan in plans:
+                history[plan.memory.req_id][layer] += list(q[plan.first_query : plan.first_query + plan.num_scheduled])
+        memory.end_step(plans, None)
+        return plans
+
+    step([("a", 0, 50), ("b", 0, 40)])
+    step([("a", 50, 1), ("b", 40, 20)])
+    for i in range(3):
+        step([("b", 60 + i, 1), ("a", 51 + i, 1)])  # the rows swap places
+    for name, last in (("a", 53), ("b", 62)):
+        request = memory.requests[name]
+        assert request.observed == OBSERVATION_QUERIES and request.last_query_position == last
+        for layer in range(LAYERS):
+            ring = {tuple(row.flatten().tolist()) for row in request.observations[layer]}
+            want = {tuple(row.flatten().tolist()) for row in history[name][layer][-OBSERVATION_QUERIES:]}
+            assert ring == want
+            assert torch.equal(request.last_queries[layer], history[name][layer][-1])
+    # a step not every layer recorded keeps nothing
+    before = memory.requests["a"].observations.clone()
+    step([("a", 54, 1)], layers=[0])
+    assert torch.equal(memory.requests["a"].observations, before)
+    assert memory.requests["a"].last_query_position == 53
+
+
 def test_decode_retrieval_ahead_of_the_layers_equals_each_layers_own_retrieval():
     """A decode step that retrieves selects for every layer before the layers run, from
     each layer's query of the previous token: the same selections as each layer retrieving
@@ -389,10 +430,8 @@ def test_decode_retrieval_ahead_of_the_layers_equals_each_layers_own_retrieval()
     _, alone = run(seq, config, [600, 1])
     (plan,) = ahead.plan_step([BatchRow("r", 601, 1, capacity=700)])
     request = ahead.requests["r"]
-    assert plan.mode == "reference" and not request.can_select_ahead(plan)
-    for layer in range(LAYERS):
-        request.note_query(layer, seq.q[layer][600], 600)
-    assert request.can_select_ahead(plan)
+    # the step at 600 kept every layer's query (run() records them as the backend does)
+    assert plan.mode == "reference" and request.can_select_ahead(plan)
     (selections,) = select_ahead([plan])
     assert plan.selected_ahead and not plan.refresh
     (own,) = alone.plan_step([BatchRow("r", 601, 1, capacity=700)])
@@ -425,8 +464,7 @@ def test_decode_retrieval_of_several_requests_in_one_call_equals_each_alone():
             for memory, seq, n in zip(memories, sequences, lengths):
                 position = n + step
                 (plan,) = memory.plan_step([BatchRow("r", position, 1, capacity=700)])
-                for layer in range(LAYERS):
-                    memory.requests["r"].note_query(layer, seq.q[layer][position - 1], position - 1)
+                seq.keep_query(memory.requests["r"], position - 1)
                 assert memory.requests["r"].can_select_ahead(plan)
                 plans[name].append(plan)
         together = select_ahead(plans["batched"])

@@ -19,11 +19,13 @@ A step has three phases:
    torch (a fallback, and the reference the op path is tested against).
 2. per layer: :meth:`RequestMemory.select` retrieves events for exactly
    ``memory_tokens`` tokens (similarity top-k + contiguity, the last event possibly
-   cut), the caller fills the slots, attends, and :meth:`RequestMemory.observe`
-   keeps the latest queries.
+   cut), the caller fills the slots, attends, and :meth:`EpisodicMemory.record_queries`
+   gathers the queries the rows keep (one gather per layer for the whole batch).
 3. :meth:`EpisodicMemory.end_step` (after the model forward, once the step's surprise
-   is known): tokens that left the window become events and move from the paged KV
-   cache to the host store, before the scheduler frees their blocks.
+   is known): each row keeps its recorded queries of every layer at once
+   (:meth:`RequestMemory.keep_queries`), then tokens that left the window become
+   events and move from the paged KV cache to the host store, before the scheduler
+   frees their blocks.
 
 Positions: vLLM hands over queries and keys rotated at their absolute positions; the
 local part is attended as is (exact relative distances). Memory keys are rotated to:
@@ -224,7 +226,10 @@ class RequestMemory:
     segmenter: Segmenter = field(init=False)
     contiguity: torch.Tensor = field(init=False)
     """``[num_layers, width]`` each layer's contiguity queue, -1 padded (:mod:`.retrieval`)"""
-    observations: list[torch.Tensor | None] = field(init=False)
+    observations: torch.Tensor | None = None
+    """``[num_layers, OBSERVATION_QUERIES, num_heads, head_size]`` a ring of the latest
+    queries of every layer (:meth:`keep_queries`); the first ``observed`` are filled"""
+    observed: int = 0
     slots: SlotTable = field(init=False)
     """the device event cache's slots, every layer (engine-side)"""
     filled: list[dict | None] = field(init=False)
@@ -236,9 +241,8 @@ class RequestMemory:
     engine_state: dict = field(default_factory=dict)
     """what the engine adapter keeps per request (freed with it)"""
     last_queries: torch.Tensor | None = None
-    """``[num_layers, num_heads, head_size]`` each layer's latest query (:meth:`note_query`)"""
-    last_query_noted: list[int] = field(init=False)
-    """per layer: the position of its query in ``last_queries`` (-1: none)"""
+    """``[num_layers, num_heads, head_size]`` every layer's latest query (:meth:`keep_queries`)"""
+    last_query_position: int = -1
     decode_steps: int = 0
     ahead_key: tuple | None = None
     """``(budget, frame, anchor)`` of the last :func:`select_ahead` while every layer
@@ -252,13 +256,11 @@ class RequestMemory:
             window=s.surprise_window, gamma=s.surprise_gamma,
         )
         self.contiguity = empty_queues(self.shape.num_layers)
-        self.observations = [None] * self.shape.num_layers
-        self._ring_next = [0] * self.shape.num_layers
+        self._ring_next = 0
         self.slots = SlotTable(self.shape.num_layers)
         self.filled = [None] * self.shape.num_layers
         self.sink_state = [("natural", None)] * self.shape.num_layers
         self.retained = [None] * self.shape.num_layers
-        self.last_query_noted = [-1] * self.shape.num_layers
 
     @property
     def open_start(self) -> int:
@@ -350,10 +352,9 @@ class RequestMemory:
             return
         ids = torch.arange(events.start, events.stop)
         lengths = self.store.ends[ids] - self.store.starts[ids]
-        # as many recent queries from every layer (the layers observe the same steps)
-        seen = min(0 if obs is None else obs.shape[0] for obs in self.observations)
+        seen = self.observed
         if seen:
-            obs = torch.stack([ring[-seen:] for ring in self.observations])
+            obs = self.observations[:, :seen]
         else:
             obs = keys_rotated.new_empty((layers, 0, self.shape.num_heads, head_size))
         # layers in groups: their attention scores [layers, heads, m, events, longest] stay
@@ -399,20 +400,29 @@ class RequestMemory:
         q_score = self.rope.apply(query[-cos.shape[0]:], cos, sin).mean(0)
         return score_layer_events(q_score[None], self.store.reps[layer : layer + 1, : available.numel()], available)
 
-    def note_query(self, layer: int, query: torch.Tensor, position: int) -> None:
-        """Keep ``query [num_heads, head_size]``, the layer's query at ``position``: the
-        next decode step retrieves for every layer at once from these (:func:`select_ahead`)."""
-        if self.last_queries is None:
-            self.last_queries = query.new_empty((self.shape.num_layers, *query.shape))
-        self.last_queries[layer].copy_(query)
-        self.last_query_noted[layer] = position
+    def keep_queries(self, queries: torch.Tensor, position: int) -> None:
+        """Keep a step's latest queries of every layer, ``[num_layers, q, num_heads,
+        head_size]``, the last one at ``position``: the ring of the latest
+        ``OBSERVATION_QUERIES`` decides the representatives of the next events (their
+        order does not matter), the last query the next decode step's retrieval for
+        every layer at once (:func:`select_ahead`)."""
+        recent = queries[:, -OBSERVATION_QUERIES:]
+        if self.observations is None:
+            self.observations = recent.new_empty((recent.shape[0], OBSERVATION_QUERIES, *recent.shape[2:]))
+            self.last_queries = recent.new_empty((recent.shape[0], *recent.shape[2:]))
+        n = recent.shape[1]
+        # filled in order from slot 0, so the first `observed` slots are the filled ones
+        self.observations.index_copy_(1, (self._ring_next + torch.arange(n)) % OBSERVATION_QUERIES, recent)
+        self._ring_next = (self._ring_next + n) % OBSERVATION_QUERIES
+        self.observed = min(OBSERVATION_QUERIES, self.observed + n)
+        self.last_queries.copy_(recent[:, -1])
+        self.last_query_position = position
 
     def can_select_ahead(self, plan: RowPlan) -> bool:
         """Whether this step's retrieval can run for all layers before they do: a decode
         step that retrieves, with every layer's query of the step before it at hand."""
         return (plan.num_scheduled == 1 and plan.refresh and plan.everything is None
-                and plan.memory_tokens > 0 and self.last_queries is not None
-                and all(p == plan.num_computed - 1 for p in self.last_query_noted))
+                and plan.memory_tokens > 0 and self.last_query_position == plan.num_computed - 1)
 
     def score_ahead(self, plan: RowPlan) -> torch.Tensor:
         """``[num_layers, events]`` every layer's event scores for a decode step, from the
@@ -526,21 +536,6 @@ class RequestMemory:
         )
         return merge_partials(out_l, lse_l, out_g, lse_g)
 
-    def observe(self, layer: int, query: torch.Tensor) -> None:
-        """Keep the latest queries ``[q, num_heads, head_size]`` of this layer (a ring of
-        ``OBSERVATION_QUERIES``; their order does not matter)."""
-        ring = self.observations[layer]
-        recent = query[-OBSERVATION_QUERIES:]
-        if ring is None or ring.shape[0] < OBSERVATION_QUERIES or recent.shape[0] == OBSERVATION_QUERIES:
-            merged = recent if ring is None else torch.cat((ring, recent))
-            # oldest first: the next overwrite replaces index 0
-            self.observations[layer] = merged[-OBSERVATION_QUERIES:].clone()
-            self._ring_next[layer] = 0
-            return
-        for row in recent:
-            ring[self._ring_next[layer]] = row
-            self._ring_next[layer] = (self._ring_next[layer] + 1) % OBSERVATION_QUERIES
-
 
 def retrieve_rows(parts: list[tuple[RequestMemory, list[int], RowPlan, torch.Tensor]]) -> list[list[dict[int, int]]]:
     """Retrieval for some layers of several requests in one call, one row per (request,
@@ -633,6 +628,11 @@ class EpisodicMemory:
         self.reference = reference
         self.layout = Layout.of(settings, shape.block_size)
         self.requests: dict[str, RequestMemory] = {}
+        # the step's rows that keep queries, as (memory, queries kept, last position), the
+        # index of those queries in the step's flattened tokens, and what each layer gathered
+        self._keeping: list[tuple[RequestMemory, int, int]] = []
+        self._kept_index: torch.Tensor | None = None
+        self._recorded: list[torch.Tensor | None] = []
 
     def frame_for(self, context_len: int) -> str:
         mode = self.settings.positions
@@ -680,8 +680,41 @@ class EpisodicMemory:
                                        and memory.ahead_key == plan.selection_key)
             plans.append(plan)
             first_query += row.num_scheduled
+        self._begin_recording(plans)
         self.update_gauges()
         return plans
+
+    def _begin_recording(self, plans: list[RowPlan]) -> None:
+        """Which queries of the step :meth:`record_queries` gathers: the last
+        ``OBSERVATION_QUERIES`` of each row that observes."""
+        keeping = [(plan, min(plan.num_scheduled, OBSERVATION_QUERIES)) for plan in plans if plan.observe]
+        self._keeping = [(plan.memory, n, plan.end - 1) for plan, n in keeping]
+        self._kept_index = torch.cat([
+            torch.arange(plan.first_query + plan.num_scheduled - n, plan.first_query + plan.num_scheduled)
+            for plan, n in keeping
+        ]) if keeping else None
+        self._recorded = [None] * self.shape.num_layers
+
+    def record_queries(self, layer: int, query: torch.Tensor) -> None:
+        """Gather the queries the step's rows keep from one layer's ``query [num_tokens,
+        num_heads, head_size]`` (the batch's rows, flattened): one gather for all rows;
+        :meth:`end_step` hands them to the rows."""
+        if self._kept_index is not None:
+            self._recorded[layer] = query.index_select(0, self._kept_index)
+
+    def _keep_recorded(self) -> None:
+        """Give each row its recorded queries of every layer (one stack for the step).
+        A step that not every layer recorded (the memory driven by hand) keeps none: the
+        ring holds the same steps in every layer."""
+        recorded, keeping = self._recorded, self._keeping
+        self._recorded, self._keeping, self._kept_index = [], [], None
+        if not keeping or any(queries is None for queries in recorded):
+            return
+        queries = torch.stack(recorded)  # [num_layers, kept, num_heads, head_size]
+        first = 0
+        for memory, n, position in keeping:
+            memory.keep_queries(queries[:, first : first + n], position)
+            first += n
 
     def _plan_retrieval(self, plan: RowPlan) -> None:
         """What every layer's retrieval shares in this step."""
@@ -696,7 +729,9 @@ class EpisodicMemory:
             plan.score_angles = self.rope.angles(self.settings.window_tokens - scoring)
 
     def end_step(self, plans: list[RowPlan], read_tokens: TokenReader) -> None:
-        """Cut the tokens that left each row's window into events and store them."""
+        """Keep the step's recorded queries, then cut the tokens that left each row's
+        window into events and store them."""
+        self._keep_recorded()
         s = self.settings
         for plan in plans:
             memory = plan.memory

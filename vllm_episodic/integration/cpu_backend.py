@@ -55,6 +55,10 @@ class EpisodicCPUMetadata:
     plans: list[RowPlan] | None
     """(num_reqs,) what each row does; None in dummy/profiling runs"""
     runtime: object | None
+    retrieving: list[RowPlan]
+    """assembled rows whose layers retrieve for themselves (not selected ahead)"""
+    reference: list[RowPlan]
+    """rows attended in torch after the op"""
 
 
 class EpisodicCPUMetadataBuilder(CPUAttentionMetadataBuilder):
@@ -69,6 +73,8 @@ class EpisodicCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             stock=super().build(common_prefix_len, cam, fast_build),
             plans=plans,
             runtime=runtime,
+            retrieving=[p for p in plans or () if p.mode == "assembled" and not p.selected_ahead],
+            reference=[p for p in plans or () if p.mode == "reference"],
         )
 
 
@@ -102,32 +108,27 @@ class EpisodicCPUImpl(CPUAttentionBackendImpl):
         meta = attn_metadata
         if meta is None:
             return output
-        plans = meta.plans
-        if plans is None:
+        if meta.plans is None:
             return super().forward(layer, query, key, value, kv_cache, meta.stock, output,
                                    output_scale, output_block_scale)
         runtime = meta.runtime
         layer_index = runtime.layer_index(layer.layer_name)
         num_tokens = meta.num_actual_tokens
         q = query[:num_tokens].view(num_tokens, self.num_heads, self.head_size)
-        retrieving = [(plan, q[plan.first_query : plan.first_query + plan.num_scheduled]) for plan in plans
-                      if plan.mode == "assembled" and not plan.selected_ahead]
-        if retrieving:
-            runtime.fill_caches(layer_index, retrieving)
+        if meta.retrieving:
+            runtime.fill_caches(layer_index, [(plan, q[plan.first_query : plan.first_query + plan.num_scheduled])
+                                              for plan in meta.retrieving])
         super().forward(layer, query, key, value, kv_cache, meta.stock, output,
                         output_scale, output_block_scale)
         out = output[:num_tokens].view(num_tokens, self.num_heads, self.head_size)
-        for plan in plans:
+        for plan in meta.reference:
             rows = slice(plan.first_query, plan.first_query + plan.num_scheduled)
-            if plan.mode == "reference":
-                memory = plan.memory
-                selection = memory.select(layer_index, plan, q[rows])
-                local_k, local_v = (t[0] for t in runtime.read_tokens(
-                    plan, torch.tensor([layer_index]), plan.local_start, plan.end))
-                out[rows] = memory.reference_attention(
-                    layer_index, plan, q[rows], selection, local_k, local_v, self.scale, runtime.rope
-                ).to(out.dtype)
-            if plan.observe:
-                plan.memory.observe(layer_index, q[rows])
-                plan.memory.note_query(layer_index, q[rows][-1], plan.end - 1)
+            memory = plan.memory
+            selection = memory.select(layer_index, plan, q[rows])
+            local_k, local_v = (t[0] for t in runtime.read_tokens(
+                plan, torch.tensor([layer_index]), plan.local_start, plan.end))
+            out[rows] = memory.reference_attention(
+                layer_index, plan, q[rows], selection, local_k, local_v, self.scale, runtime.rope
+            ).to(out.dtype)
+        runtime.memory.record_queries(layer_index, q)
         return output
