@@ -397,7 +397,7 @@ def test_each_row_keeps_its_latest_queries_of_every_layer_from_one_gather_per_la
             q = torch.randn(total, HEADS, DIM, generator=g)
             memory.record_queries(layer, q)
             for plan in plans:
-                history[plan.memory.req_id][layer] += list(q[plan.first_query : plan.first_query + plan.num_scheduled])
+                history[plan.memory.req_id][layer] += list(q[plan.query_rows])
         memory.end_step(plans, None)
         return plans
 

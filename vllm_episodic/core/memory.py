@@ -198,6 +198,11 @@ class RowPlan:
     def query_positions(self) -> torch.Tensor:
         return torch.arange(self.num_computed, self.end)
 
+    @property
+    def query_rows(self) -> slice:
+        """The row's queries in the step's flattened tokens."""
+        return slice(self.first_query, self.first_query + self.num_scheduled)
+
 
 # reads tokens [start, end) of one batch row from layers' paged KV caches:
 # (plan, layers (L,), start, end) -> keys, values [L, end - start, num_kv_heads, head_size]; keys rotated
@@ -690,8 +695,7 @@ class EpisodicMemory:
         keeping = [(plan, min(plan.num_scheduled, OBSERVATION_QUERIES)) for plan in plans if plan.observe]
         self._keeping = [(plan.memory, n, plan.end - 1) for plan, n in keeping]
         self._kept_index = torch.cat([
-            torch.arange(plan.first_query + plan.num_scheduled - n, plan.first_query + plan.num_scheduled)
-            for plan, n in keeping
+            torch.arange(plan.query_rows.stop - n, plan.query_rows.stop) for plan, n in keeping
         ]) if keeping else None
         self._recorded = [None] * self.shape.num_layers
 

@@ -116,13 +116,12 @@ class EpisodicCPUImpl(CPUAttentionBackendImpl):
         num_tokens = meta.num_actual_tokens
         q = query[:num_tokens].view(num_tokens, self.num_heads, self.head_size)
         if meta.retrieving:
-            runtime.fill_caches(layer_index, [(plan, q[plan.first_query : plan.first_query + plan.num_scheduled])
-                                              for plan in meta.retrieving])
+            runtime.fill_caches(layer_index, [(plan, q[plan.query_rows]) for plan in meta.retrieving])
         super().forward(layer, query, key, value, kv_cache, meta.stock, output,
                         output_scale, output_block_scale)
         out = output[:num_tokens].view(num_tokens, self.num_heads, self.head_size)
         for plan in meta.reference:
-            rows = slice(plan.first_query, plan.first_query + plan.num_scheduled)
+            rows = plan.query_rows
             memory = plan.memory
             selection = memory.select(layer_index, plan, q[rows])
             local_k, local_v = (t[0] for t in runtime.read_tokens(
