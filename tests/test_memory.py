@@ -15,6 +15,7 @@ from vllm_episodic.core.attention import attention_with_lse
 from vllm_episodic.core.memory import (
     OBSERVATION_QUERIES, BatchRow, EpisodicMemory, ModelShape, select_ahead, select_layer,
 )
+from vllm_episodic.core.retrieval import Selection
 from vllm_episodic.core.rope import Rope, rope_table
 from vllm_episodic.metrics import Stats
 
@@ -76,7 +77,7 @@ def run(seq, config, chunks, trained_len=4096):
             q = seq.q[layer][done : done + n]
             if plan.mode == "reference":
                 selection = plan.memory.select(layer, plan, q)
-                assert sum(selection.values()) == plan.memory_tokens
+                assert int(selection.tokens.sum()) == plan.memory_tokens
                 out = plan.memory.reference_attention(
                     layer, plan, q, selection, *seq.read_layer(layer, plan.local_start, done + n),
                     SCALE, seq.rope)
@@ -89,6 +90,17 @@ def run(seq, config, chunks, trained_len=4096):
         memory.end_step([plan], seq.read)
         done += n
     return outputs, memory
+
+
+def as_selection(*rows: dict[int, int]) -> Selection:
+    """Rows given as ``{event: tokens}`` (the inverse of ``Selection.to_dicts``)."""
+    width = max(map(len, rows))
+    events = torch.full((len(rows), width), -1)
+    tokens = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        events[i, : len(row)] = torch.tensor(list(row), dtype=torch.long)
+        tokens[i, : len(row)] = torch.tensor(list(row.values()), dtype=torch.long)
+    return Selection.of(events, tokens)
 
 
 def full_attention(seq, layer):
@@ -167,17 +179,17 @@ def test_consecutive_events_form_runs_in_the_bounded_frame():
         if total == 0:
             break
     for layers, selections in (([0], [selection]), ([1, 0], [other, selection])):
-        codes = request.token_codes(layers, selections, "bounded")[-1]
+        codes = request.token_codes(layers, as_selection(*selections), "bounded")[-1]
         position, back = codes // request.code_span, codes % request.code_span
         event = torch.searchsorted(store.ends[: store.num_events], position, right=True)
         assert torch.equal(back, torch.tensor([run_end[e] for e in event.tolist()]) - 1 - position)
-    exact = request.token_codes([0], [selection], "exact")[0]
+    exact = request.token_codes([0], as_selection(selection), "exact")[0]
     assert set((exact // request.code_span).tolist()) == {
         p for e, n in selection.items() for p in range(int(store.starts[e]), int(store.starts[e]) + n)}
     assert not (exact % request.code_span).any()
     # the rotation the keys get: a run's tokens sit at consecutive positions ending at the anchor
     anchor = 1000
-    codes = request.token_codes([0], [selection], "bounded")[0]
+    codes = request.token_codes([0], as_selection(selection), "bounded")[0]
     assert codes.numel() == sum(selection.values()) and codes.unique().numel() == codes.numel()
     got_k, _ = request.code_keys(0, codes, "bounded", anchor, seq.rope)
     first, last = int(store.starts[2]), end(4)
@@ -196,7 +208,7 @@ def test_selection_fills_the_budget_exactly_before_the_local_part():
     (plan,) = memory.plan_step([BatchRow("r", 610, 1, capacity=700)])
     assert plan.memory_tokens == 64 and plan.local_start % BLOCK == 0
     for layer in range(LAYERS):
-        chosen = request.select(layer, plan, seq.q[layer][610:611])
+        (chosen,) = request.select(layer, plan, seq.q[layer][610:611]).to_dicts()
         assert sum(chosen.values()) == 64
         for event, count in chosen.items():
             start = int(request.store.starts[event])
@@ -226,7 +238,7 @@ def test_prefill_chunk_scores_with_its_last_queries_when_asked():
         (plan,) = memory.plan_step([BatchRow("r", 600, 40, capacity=700)])
         assert plan.refresh and plan.everything is None
         chosen = memory.requests["r"].select(0, plan, loud)
-        assert (chosen == tail) == (last == 4)
+        assert (chosen.to_dicts() == tail.to_dicts()) == (last == 4)
 
 
 def test_retrieval_interval_keeps_a_layers_selection_between_retrievals():
@@ -245,7 +257,7 @@ def test_retrieval_interval_keeps_a_layers_selection_between_retrievals():
         (plan,) = memory.plan_step([BatchRow("r", done, 1, capacity=700)])
         retrieved = memory.stats.get("events_retrieved")
         chosen = request.select(0, plan, seq.q[0][done : done + 1])
-        update = slots.update(torch.tensor([0]), request.token_codes([0], [chosen], plan.frame), 64)
+        update = slots.update(torch.tensor([0]), request.token_codes([0], chosen, plan.frame), 64)
         fresh.append(plan.refresh)
         if not plan.refresh:
             assert chosen is previous and update.misses == 0 and update.move_layer.numel() == 0
@@ -297,8 +309,32 @@ def test_decode_steps_between_retrievals_made_ahead_skip_the_layers_selection():
     small = whole.requests["r"]
     (plan,) = whole.plan_step([BatchRow("r", 150, 1, capacity=200)])
     small.ahead_key = plan.selection_key
-    assert plan.everything and small.select(0, plan, short.q[0][150:151]) == plan.everything
+    assert plan.everything is not None and small.select(0, plan, short.q[0][150:151]) is plan.everything
     assert small.ahead_key is None
+
+
+def test_layers_whose_slots_hold_their_selection_are_skipped_until_a_new_frame():
+    seq = Sequence(700)
+    _, memory = run(seq, settings(retrieval_budget_tokens=64, positions="bounded"), [600])
+    request = memory.requests["r"]
+    (plan,) = memory.plan_step([BatchRow("r", 600, 1, capacity=700)])
+    seq.keep_query(request, 599)
+    (chosen,) = select_ahead([plan])
+    layers = list(range(LAYERS))
+    assert request.unfilled(layers, chosen) == layers  # nothing known yet
+    request.mark_filled(layers, chosen)
+    assert request.unfilled(layers, chosen) == []
+    # held selections are held whatever their padding; a changed row of layer 1 is not
+    changed = chosen.with_rows(torch.tensor([1]), chosen.row(0))
+    assert not bool(changed.same_rows(chosen)[1])
+    assert request.unfilled(layers, changed.widened(chosen.events.shape[1] + 3)) == [1]
+    assert request.unfilled([1], chosen.row(1)) == []
+    request.mark_filled([1], changed.row(1))
+    assert request.unfilled([1], chosen.row(1)) == [0] and request.unfilled([0], chosen.row(0)) == []
+    # a new anchor moves every key: no layer's slots are known to hold anything
+    request.anchor -= 1000
+    (plan,) = memory.plan_step([BatchRow("r", 601, 1, capacity=700)])
+    assert plan.rewrite and request.unfilled(layers, chosen) == layers
 
 
 def test_host_memory_cap_evicts_least_recently_retrieved_pages():
@@ -438,9 +474,10 @@ def test_decode_retrieval_ahead_of_the_layers_equals_each_layers_own_retrieval()
     # the previous token's query, seen from memory as select() sees the step's own query
     own.score_angles = seq.rope.angles(torch.tensor([config.window_tokens - 600]))
     for layer in range(LAYERS):
-        want = alone.requests["r"].select(layer, own, seq.q[layer][600:601])
-        assert selections[layer] == want and sum(want.values()) == 64
-        assert request.select(layer, plan, seq.q[layer][601:602]) is selections[layer]
+        want = alone.requests["r"].select(layer, own, seq.q[layer][600:601]).to_dicts()
+        assert selections.row(layer).to_dicts() == want and sum(want[0].values()) == 64
+        assert request.select(layer, plan, seq.q[layer][601:602]) is request.retained[layer][1]
+        assert request.retained[layer][1].to_dicts() == want
     assert ahead.stats.get("events_retrieved") == alone.stats.get("events_retrieved")
     # without the previous token's queries (here: a stale position) each layer retrieves itself
     (later,) = ahead.plan_step([BatchRow("r", 602, 1, capacity=700)])
@@ -470,7 +507,7 @@ def test_decode_retrieval_of_several_requests_in_one_call_equals_each_alone():
         together = select_ahead(plans["batched"])
         for plan, got in zip(plans["alone"], together):
             (want,) = select_ahead([plan])
-            assert got == want and all(sum(s.values()) == 96 for s in got)
+            assert got.to_dicts() == want.to_dicts() and bool((got.tokens.sum(1) == 96).all())
         for a, b in zip(batched, alone):
             queues = [[[e for e in row if e >= 0] for row in m.requests["r"].contiguity.tolist()] for m in (a, b)]
             assert queues[0] == queues[1] and any(queues[0])
@@ -493,7 +530,8 @@ def test_prefill_chunks_of_several_requests_retrieve_in_one_call_per_layer():
             queries = [seq.q[layer][plan.num_computed : plan.end] for seq, plan in zip(sequences, plans["alone"])]
             together = select_layer(layer, list(zip(plans["batched"], queries)))
             for plan, query, got in zip(plans["alone"], queries, together):
-                assert got == plan.memory.select(layer, plan, query) and sum(got.values()) == 96
+                want = plan.memory.select(layer, plan, query)
+                assert got.to_dicts() == want.to_dicts() and int(got.tokens.sum()) == 96
 
 
 def test_code_keys_of_several_layers_in_one_gather():

@@ -6,7 +6,9 @@ import random
 import pytest
 import torch
 
-from vllm_episodic.core.retrieval import empty_queues, fill_budget, greedy_fit, most_events, retrieve, stack_queues
+from vllm_episodic.core.retrieval import (
+    Selection, empty_queues, fill_budget, greedy_fit, most_events, retrieve, stack_queues,
+)
 from vllm_episodic.kernels import score_layer_events, select_within_budget
 
 
@@ -182,14 +184,16 @@ def test_batched_retrieval_follows_the_rules_row_by_row(seed):
         budget = torch.minimum(budget, sizes.sum(1))  # fill_budget fills exactly: never more than exists
         most = None if seed % 2 else max(most_events(z, int(b)) for z, b in zip(sizes, budget))
         chosen, queues = retrieve(scores, sizes, budget, queues, capacity, most)
-        selections, events = fill_budget(chosen, scores, sizes, budget, most)
+        selection = fill_budget(chosen, scores, sizes, budget, most)
+        selections = selection.to_dicts()
         for row, hand in enumerate(hands):
             want_top, want = hand.step(scores[row].tolist(), sizes[row].tolist(), int(budget[row]))
             assert [e for e in chosen[row].tolist() if e >= 0] == want_top
             assert [e for e in queues[row].tolist() if e >= 0] == hand.queue
-            assert selections[row] == want and list(selections[row]) == list(want)
-            assert sum(selections[row].values()) == int(budget[row])
-            assert sorted(e for e in events[row].tolist() if e >= 0) == sorted(want)
+            assert selections[row] == want and sum(selections[row].values()) == int(budget[row])
+            # canonical: ascending events, then the padding
+            events = selection.events[row]
+            assert events.tolist() == sorted(want) + [-1] * (events.numel() - len(want))
 
 
 def test_most_events_bounds_how_many_events_fit():
@@ -221,3 +225,20 @@ def test_greedy_fit_equals_walking_each_row(seed):
 def test_queues_of_different_widths_stack():
     a, b = torch.tensor([[3, 4, -1]]), torch.tensor([[7], [8]])
     assert stack_queues([a, b]).tolist() == [[3, 4, -1], [7, -1, -1], [8, -1, -1]]
+
+
+def test_selections_are_canonical_so_equal_choices_compare_equal_row_by_row():
+    """The same events with the same tokens give the same tensors whatever order or
+    padding they came in: a layer's slots that already hold its selection are seen to."""
+    a = Selection.of(torch.tensor([[7, -1, 2, 5], [3, 1, -1, -1]]), torch.tensor([[4, 0, 9, 1], [2, 8, 0, 0]]))
+    assert a.events.tolist() == [[2, 5, 7], [1, 3, -1]] and a.tokens.tolist() == [[9, 1, 4], [8, 2, 0]]
+    assert a.to_dicts() == [{2: 9, 5: 1, 7: 4}, {1: 8, 3: 2}] and a.num_events == 5
+    b = Selection.of(torch.tensor([[5, 7, 2, -1, -1], [4, 1, -1, -1, -1]]),
+                     torch.tensor([[1, 4, 9, 0, 0], [2, 8, 0, 0, 0]]))
+    assert a.same_rows(b).tolist() == [True, False]
+    fewer = Selection.of(torch.tensor([[2, 5, 7], [1, 3, -1]]), torch.tensor([[9, 1, 3], [8, 2, 0]]))
+    assert a.same_rows(fewer).tolist() == [False, True]  # one token fewer of event 7
+    # rows replaced in a copy, widened as needed; the original is untouched
+    c = Selection.empty(3).with_rows(torch.tensor([2, 0]), a)
+    assert c.to_dicts() == [{1: 8, 3: 2}, {}, {2: 9, 5: 1, 7: 4}] and Selection.empty(3).events.shape == (3, 0)
+    assert c.rows(torch.tensor([2])).same_rows(a.row(0)).all() and a.row(1).to_dicts() == [{1: 8, 3: 2}]

@@ -47,7 +47,6 @@ local part is attended as is (exact relative distances). Memory keys are rotated
 from __future__ import annotations
 
 from collections.abc import Callable
-from itertools import chain
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -57,7 +56,7 @@ from vllm_episodic.core.attention import attention_with_lse, merge_partials
 from vllm_episodic.core.event_cache import SlotTable
 from vllm_episodic.core.refinement import key_similarity, refine_boundaries
 from vllm_episodic.core.representatives import representatives
-from vllm_episodic.core.retrieval import empty_queues, fill_budget, most_events, retrieve, stack_queues
+from vllm_episodic.core.retrieval import Selection, empty_queues, fill_budget, most_events, retrieve, stack_queues
 from vllm_episodic.core.rope import Rope
 from vllm_episodic.core.segmentation import Segmenter
 from vllm_episodic.core.store import HostStore
@@ -175,7 +174,7 @@ class RowPlan:
     score_angles: tuple[torch.Tensor, torch.Tensor] | None = None
     """RoPE angles that put the step's scoring queries (its last ``prefill_query_tokens``,
     or all) ``window`` tokens after memory, one row per scoring query"""
-    everything: dict[int, int] | None = None
+    everything: Selection | None = None
     """when all of memory fits the budget: every event (and its available tokens)"""
     refresh: bool = True
     """retrieve in this step (else layers keep their last selection when still valid)"""
@@ -237,8 +236,10 @@ class RequestMemory:
     observed: int = 0
     slots: SlotTable = field(init=False)
     """the device event cache's slots, every layer (engine-side)"""
-    filled: list[dict | None] = field(init=False)
-    """per layer: the selection its attended slots hold (None: unknown)"""
+    filled: Selection = field(init=False)
+    """one row per layer: the selection its attended slots hold (:meth:`unfilled`)"""
+    filled_known: torch.Tensor = field(init=False)
+    """``(num_layers,)`` bool: whether the layer's row of ``filled`` is known"""
     sink_state: list[tuple] = field(init=False)
     """per layer: the rotation the sink tokens in the paged cache have (engine-side)"""
     retained: list[tuple | None] = field(init=False)
@@ -263,7 +264,8 @@ class RequestMemory:
         self.contiguity = empty_queues(self.shape.num_layers)
         self._ring_next = 0
         self.slots = SlotTable(self.shape.num_layers)
-        self.filled = [None] * self.shape.num_layers
+        self.filled = Selection.empty(self.shape.num_layers)
+        self.filled_known = torch.zeros(self.shape.num_layers, dtype=torch.bool)
         self.sink_state = [("natural", None)] * self.shape.num_layers
         self.retained = [None] * self.shape.num_layers
 
@@ -300,7 +302,7 @@ class RequestMemory:
         self.frame = frame
         if rewrite:
             self.slots.clear()
-            self.filled = [None] * self.shape.num_layers
+            self.filled_known[:] = False
             self.ahead_key = None
         anchor = self.anchor or 0
         local_start = self.open_start // self.shape.block_size * self.shape.block_size
@@ -372,7 +374,7 @@ class RequestMemory:
                 obs[part], keys_rotated[part], keys[part], lengths, self.settings.representatives_per_event
             ))
 
-    def select(self, layer: int, plan: RowPlan, query: torch.Tensor) -> dict[int, int]:
+    def select(self, layer: int, plan: RowPlan, query: torch.Tensor) -> Selection:
         """Events (and how many of their first tokens) this layer attends: exactly
         ``plan.memory_tokens`` tokens, all before ``plan.local_start`` (one row of
         :func:`select_layer`).
@@ -382,15 +384,15 @@ class RequestMemory:
         """
         return select_layer(layer, [(plan, query)])[0]
 
-    def _unchanged(self, layer: int, plan: RowPlan) -> dict[int, int] | None:
-        """The layer's selection when it needs no retrieval in this step, else None."""
+    def _unchanged(self, layer: int, plan: RowPlan) -> Selection | None:
+        """The layer's selection (one row) when it needs no retrieval in this step, else None."""
         budget = plan.memory_tokens
         if budget <= 0:
-            return {}
+            return Selection.empty(1)
         if plan.everything is not None:
-            self.store.touch(list(plan.everything), plan.end)
+            self.store.touch(plan.everything.events[0], plan.end)
             self.ahead_key = None  # the slots will hold everything, not the retained selection
-            return dict(plan.everything)
+            return plan.everything
         kept = self.retained[layer]
         if not plan.refresh and kept is not None and kept[0] == plan.selection_key:
             return kept[1]
@@ -444,12 +446,25 @@ class RequestMemory:
         self.contiguity = pad(self.contiguity, (0, width - self.contiguity.shape[1]), value=-1)
         self.contiguity[layers] = pad(queues, (0, width - queues.shape[1]), value=-1)
 
-    def _retain(self, layers: list[int], plan: RowPlan, selections: list[dict[int, int]]) -> None:
-        """Record the layers' selections for the steps that do not retrieve."""
+    def _retain(self, layers: list[int], plan: RowPlan, selection: Selection) -> None:
+        """Record the layers' selections (a row each) for the steps that do not retrieve."""
         key = plan.selection_key
-        for layer, selection in zip(layers, selections):
-            self.retained[layer] = (key, selection)
+        for i, layer in enumerate(layers):
+            self.retained[layer] = (key, selection.row(i))
         self.ahead_key = None
+
+    def unfilled(self, layers: list[int], selection: Selection) -> list[int]:
+        """Which rows of ``selection`` (one per layer of ``layers``) the layers' attended
+        slots do not hold yet."""
+        index = torch.tensor(layers)
+        held = self.filled.rows(index).same_rows(selection) & self.filled_known[index]
+        return (~held).nonzero().flatten().tolist()
+
+    def mark_filled(self, layers: list[int], selection: Selection) -> None:
+        """The layers' attended slots now hold ``selection`` (one row per layer)."""
+        index = torch.tensor(layers)
+        self.filled = self.filled.with_rows(index, selection)
+        self.filled_known[index] = True
 
     @property
     def code_span(self) -> int:
@@ -457,36 +472,36 @@ class RequestMemory:
         one event (its last, cut event's untaken tail), so ``back`` stays below this."""
         return self.layout.max_memory + self.settings.max_event_tokens
 
-    def token_codes(self, layers: list[int], selections: list[dict[int, int]], frame: str) -> torch.Tensor:
+    def token_codes(self, layers: list[int], selection: Selection, frame: str) -> torch.Tensor:
         """``[len(layers), tokens]`` the selected tokens of each layer as codes of the
         device cache (:class:`SlotTable`): ``position · span + back``, ``back`` being how
         far before the anchor the token's key is rotated to (0 in the exact frame), so
-        that a code says everything its slot holds. The selections must be equally large.
+        that a code says everything its slot holds. ``selection`` has a row per layer,
+        each attending equally many tokens.
 
         In the bounded frame an event sits ``lag`` tokens before the end of its *run*
         (module docstring): it continues the run of the event after it when that one is
         selected too and it is selected whole (no gap between their tokens). The cache
         keys its slots by the codes, so an event whose run changes is rotated anew.
         """
-        if not any(selections):
+        present = selection.events >= 0
+        if not bool(present.any()):
             return torch.empty((len(layers), 0), dtype=torch.long)
-        lengths = torch.tensor([len(selection) for selection in selections])
-        ids = torch.tensor(list(chain.from_iterable(selections)), dtype=torch.long)
-        counts = torch.tensor(list(chain.from_iterable(s.values() for s in selections)), dtype=torch.long)
+        # every row's events, rows in order, each row's ascending: (layer, event) order
+        ids, counts = selection.events[present], selection.tokens[present]
         store, span = self.store, self.code_span
         starts, ends = store.starts[ids], store.ends[ids]
         lags = torch.zeros_like(ids)
         if frame != "exact":
-            # events of all layers in (layer, event) order: a run is a stretch of them
-            row = torch.repeat_interleave(torch.arange(len(selections)), lengths)
-            order = torch.argsort(row * (int(ids.max()) + 2) + ids)
-            row, e, whole = row[order], ids[order], (counts == ends - starts)[order]
-            follows = torch.zeros_like(whole)
-            follows[:-1] = (row[1:] == row[:-1]) & (e[1:] == e[:-1] + 1)
+            # a run is a stretch of events of one row, each whole but the last
+            row = torch.arange(len(layers))[:, None].expand_as(present)[present]
+            follows = torch.zeros(ids.numel(), dtype=torch.bool)
+            follows[:-1] = (row[1:] == row[:-1]) & (ids[1:] == ids[:-1] + 1)
+            whole = counts == ends - starts
             # the last event of each one's run: the first at or after it that does not continue
-            index = torch.arange(e.numel())
-            last = torch.where(follows & whole, e.numel(), index).flip(0).cummin(0).values.flip(0)
-            lags[order] = ends[order][last] - ends[order]
+            index = torch.arange(ids.numel())
+            last = torch.where(follows & whole, ids.numel(), index).flip(0).cummin(0).values.flip(0)
+            lags = ends[last] - ends
         owner = torch.repeat_interleave(torch.arange(ids.numel()), counts)
         rank = torch.arange(int(counts.sum())) - (torch.cumsum(counts, 0) - counts)[owner]
         positions = starts[owner] + rank
@@ -520,7 +535,7 @@ class RequestMemory:
         return _rotated(self.store, torch.tensor(layers).repeat_interleave(sinks), positions, target, rope)
 
     def reference_attention(self, layer: int, plan: RowPlan, query: torch.Tensor,
-                            selection: dict[int, int], local_keys: torch.Tensor,
+                            selection: Selection, local_keys: torch.Tensor,
                             local_values: torch.Tensor, scale: float, rope: Rope) -> torch.Tensor:
         """The assembled attention in torch: sinks + selection + local part, one softmax.
 
@@ -531,8 +546,8 @@ class RequestMemory:
             ``[q, num_heads, head_size]`` float32.
         """
         sink_k, sink_v = self.sink_keys([layer], plan.frame, plan.anchor, rope)
-        if selection:
-            codes = self.token_codes([layer], [selection], plan.frame)[0]
+        if selection.num_events:
+            codes = self.token_codes([layer], selection, plan.frame)[0]
             mem_k, mem_v = self.code_keys(layer, codes, plan.frame, plan.anchor, rope)
             sink_k, sink_v = torch.cat((sink_k, mem_k)), torch.cat((sink_v, mem_v))
         out_g, lse_g = attention_with_lse(query, sink_k, sink_v, scale)
@@ -542,7 +557,7 @@ class RequestMemory:
         return merge_partials(out_l, lse_l, out_g, lse_g)
 
 
-def retrieve_rows(parts: list[tuple[RequestMemory, list[int], RowPlan, torch.Tensor]]) -> list[list[dict[int, int]]]:
+def retrieve_rows(parts: list[tuple[RequestMemory, list[int], RowPlan, torch.Tensor]]) -> list[Selection]:
     """Retrieval for some layers of several requests in one call, one row per (request,
     layer) (:mod:`.retrieval`); moves their contiguity queues and records the selections.
 
@@ -550,7 +565,7 @@ def retrieve_rows(parts: list[tuple[RequestMemory, list[int], RowPlan, torch.Ten
         parts: per request ``(memory, layers, plan, scores [len(layers), events])``.
 
     Returns:
-        per part, each of its layers' selection: exactly ``plan.memory_tokens`` tokens.
+        per part its layers' selection (a row each): exactly ``plan.memory_tokens`` tokens.
     """
     pad = torch.nn.functional.pad
     width = max(scores.shape[1] for *_, scores in parts)
@@ -562,33 +577,35 @@ def retrieve_rows(parts: list[tuple[RequestMemory, list[int], RowPlan, torch.Ten
     settings, layout = parts[0][0].settings, parts[0][0].layout
     most = max(most_events(plan.available, plan.memory_tokens) for _, _, plan, _ in parts)
     chosen, queues = retrieve(scores, sizes, budget, queues, int(settings.contiguity_share * layout.max_memory), most)
-    selections, events = fill_budget(chosen, scores, sizes, budget, most)
+    selection = fill_budget(chosen, scores, sizes, budget, most)
     out, first = [], 0
     for memory, layers, plan, _ in parts:
         rows = slice(first, first + len(layers))
         first = rows.stop
+        mine = selection.rows(rows)
         memory._store_queues(layers, queues[rows])
-        memory._retain(layers, plan, selections[rows])
-        memory.stats.inc("events_retrieved", sum(map(len, selections[rows])))
-        mine = events[rows]
-        memory.store.touch(mine[mine >= 0], plan.end)
-        out.append(selections[rows])
+        memory._retain(layers, plan, mine)
+        events = mine.events[mine.events >= 0]
+        memory.stats.inc("events_retrieved", events.numel())
+        memory.store.touch(events, plan.end)
+        out.append(mine)
     return out
 
 
-def select_layer(layer: int, rows: list[tuple[RowPlan, torch.Tensor]]) -> list[dict[int, int]]:
-    """One layer's selection for several batch rows, from each row's queries of this
-    step (``[q, num_heads, head_size]``): the rows that retrieve do so in one call."""
+def select_layer(layer: int, rows: list[tuple[RowPlan, torch.Tensor]]) -> list[Selection]:
+    """One layer's selection (one row each) for several batch rows, from each row's
+    queries of this step (``[q, num_heads, head_size]``): the rows that retrieve do so
+    in one call."""
     chosen = [plan.memory._unchanged(layer, plan) for plan, _ in rows]
     parts = [(plan.memory, [layer], plan, plan.memory.score_chunk(layer, plan, query))
              for (plan, query), selection in zip(rows, chosen) if selection is None]
     fresh = iter(retrieve_rows(parts) if parts else ())
-    return [selection if selection is not None else next(fresh)[0] for selection in chosen]
+    return [selection if selection is not None else next(fresh) for selection in chosen]
 
 
-def select_ahead(plans: list[RowPlan]) -> list[list[dict[int, int]]]:
-    """Every layer's selection for the decode rows of a step, before the layers run,
-    from the queries of each row's previous token (rows that
+def select_ahead(plans: list[RowPlan]) -> list[Selection]:
+    """Every layer's selection (a row per layer) for the decode rows of a step, before
+    the layers run, from the queries of each row's previous token (rows that
     :meth:`RequestMemory.can_select_ahead`): one scoring call per request, one
     retrieval for every layer of every row.
 
@@ -727,7 +744,8 @@ class EpisodicMemory:
         available = (store.ends[:count].clamp(max=plan.local_start) - store.starts[:count]).clamp(min=0)
         plan.available = available.masked_fill(~store.alive[:count], 0)
         if int(plan.available.sum()) <= plan.memory_tokens:
-            plan.everything = {e: n for e, n in enumerate(plan.available.tolist()) if n > 0}
+            events = plan.available.nonzero().flatten()
+            plan.everything = Selection(events[None], plan.available[events][None])
         else:
             scoring = plan.query_positions[-self.settings.prefill_query_tokens:]
             plan.score_angles = self.rope.angles(self.settings.window_tokens - scoring)

@@ -14,14 +14,88 @@ EM-LLM's two-stage retrieval, per layer and step:
 Everything works on *rows*: one row per (request, layer), events padded to the longest
 row. A decode step retrieves for every layer of every request in one call: the
 per-row greedy choices run as tensor ops over all rows and candidates at once (in a few
-rounds, :func:`greedy_fit`), never as a Python loop over rows or events.
+rounds, :func:`greedy_fit`), never as a Python loop over rows or events. The result,
+a :class:`Selection`, stays a pair of ``[rows, n]`` tensors up to the device cache's codes.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from vllm_episodic.kernels import rank_within_budget, ranking_key
+
+
+@dataclass(frozen=True, eq=False)
+class Selection:
+    """What some rows attend of memory, one row per (request, layer): each row's events
+    in ascending order and how many of each one's first tokens it attends.
+
+    ``events [rows, n]`` int64, -1 after a row's last event; ``tokens [rows, n]``, 0
+    there. Kept as tensors from retrieval to the cache codes (no Python per event).
+    """
+
+    events: torch.Tensor
+    tokens: torch.Tensor
+
+    @classmethod
+    def of(cls, events: torch.Tensor, tokens: torch.Tensor) -> Selection:
+        """The canonical form of events ``[rows, m]`` (-1: none; each at most once per
+        row, in any order) and their tokens: ascending, the -1s last, trimmed."""
+        keep = events >= 0
+        width = int(keep.sum(1).max()) if events.numel() else 0
+        order = torch.sort(events.masked_fill(~keep, torch.iinfo(torch.long).max), 1).indices[:, :width]
+        return cls(events.gather(1, order), tokens.gather(1, order).masked_fill(~keep.gather(1, order), 0))
+
+    @classmethod
+    def empty(cls, rows: int) -> Selection:
+        nothing = torch.empty((rows, 0), dtype=torch.long)
+        return cls(nothing, nothing)
+
+    def __len__(self) -> int:
+        return self.events.shape[0]
+
+    def rows(self, index: slice | torch.Tensor) -> Selection:
+        """Some of the rows (a slice gives views)."""
+        if isinstance(index, slice):
+            return Selection(self.events[index], self.tokens[index])
+        return Selection(self.events.index_select(0, index), self.tokens.index_select(0, index))
+
+    def row(self, i: int) -> Selection:
+        """Row ``i`` as a selection of one row (itself when it has only that one)."""
+        return self if len(self) == 1 and i == 0 else self.rows(slice(i, i + 1))
+
+    def widened(self, width: int) -> Selection:
+        """The same rows ``width`` columns wide (padded with -1 and 0)."""
+        more = width - self.events.shape[1]
+        if more <= 0:
+            return self
+        pad = torch.nn.functional.pad
+        return Selection(pad(self.events, (0, more), value=-1), pad(self.tokens, (0, more)))
+
+    def same_rows(self, other: Selection) -> torch.Tensor:
+        """``(rows,)`` bool: which rows equal ``other``'s (as many rows)."""
+        width = max(self.events.shape[1], other.events.shape[1])
+        a, b = self.widened(width), other.widened(width)
+        return ((a.events == b.events) & (a.tokens == b.tokens)).all(1)
+
+    def with_rows(self, index: torch.Tensor, other: Selection) -> Selection:
+        """A copy whose rows ``index`` are ``other``'s rows."""
+        width = max(self.events.shape[1], other.events.shape[1])
+        a, b = self.widened(width), other.widened(width)
+        events, tokens = a.events.clone(), a.tokens.clone()
+        events[index], tokens[index] = b.events, b.tokens
+        return Selection(events, tokens)
+
+    @property
+    def num_events(self) -> int:
+        return int((self.events >= 0).sum())
+
+    def to_dicts(self) -> list[dict[int, int]]:
+        """Per row ``{event: tokens}`` (for tests and tracing, not the step's path)."""
+        return [{e: t for e, t in zip(es, ts) if e >= 0}
+                for es, ts in zip(self.events.tolist(), self.tokens.tolist())]
 
 
 def empty_queues(rows: int) -> torch.Tensor:
@@ -154,7 +228,7 @@ def retrieve(scores: torch.Tensor, sizes: torch.Tensor, budget: torch.Tensor, qu
 
 
 def fill_budget(chosen: torch.Tensor, scores: torch.Tensor, sizes: torch.Tensor,
-                budget: torch.Tensor, most: int | None = None) -> tuple[list[dict[int, int]], torch.Tensor]:
+                budget: torch.Tensor, most: int | None = None) -> Selection:
     """Each row's selection filling its budget exactly: the chosen events whole, then the
     least relevant others, the last one cut (a cut never falls into an event that matters).
 
@@ -163,10 +237,6 @@ def fill_budget(chosen: torch.Tensor, scores: torch.Tensor, sizes: torch.Tensor,
         scores, sizes: as for :func:`retrieve`.
         budget: ``(rows,)`` tokens each row attends.
         most: as for :func:`retrieve`.
-
-    Returns:
-        per row ``{event: tokens attended}``, the chosen events first, and the same
-        events as ``[rows, n]`` ids, -1 padded.
     """
     rows, count = scores.shape
     size_of = _size_table(sizes)
@@ -186,7 +256,4 @@ def fill_budget(chosen: torch.Tensor, scores: torch.Tensor, sizes: torch.Tensor,
         cut = torch.minimum(least_sizes, missing[:, None] - before)
         events = torch.cat((chosen, least.masked_fill(~take, -1)), 1)
         tokens = torch.cat((chosen_tokens, cut * take), 1)
-    keep = events >= 0
-    events, tokens, counts = _compact(events, keep), _compact(tokens, keep), keep.sum(1)
-    selections = [dict(zip(e[:n], t[:n])) for e, t, n in zip(events.tolist(), tokens.tolist(), counts.tolist())]
-    return selections, events
+    return Selection.of(events, tokens)

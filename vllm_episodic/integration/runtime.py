@@ -25,6 +25,7 @@ import time
 
 from vllm_episodic import envs
 from vllm_episodic.core.memory import BatchRow, EpisodicMemory, ModelShape, RowPlan, select_ahead, select_layer
+from vllm_episodic.core.retrieval import Selection
 from vllm_episodic.core.rope import Rope
 from vllm_episodic.core.surprise import surprise_from_logits, token_surprise
 from vllm_episodic.integration.paged_kv import StackedCaches, probe_layout, slot_offsets
@@ -192,18 +193,19 @@ class WorkerRuntime:
         retrieval for all) and copy them into each row's cache slots, so that the
         attended blocks hold sinks + exactly the selected tokens."""
         for (plan, _), selection in zip(rows, select_layer(layer, rows)):
-            self._fill_slots(plan, [layer], [selection])
+            self._fill_slots(plan, [layer], selection)
 
     def select_ahead(self, plans: list[RowPlan]) -> None:
         """The decode rows' retrieval for every layer before the layers run (from the
         previous token's queries, all rows in one retrieval), then each row's slot copies
         for all layers at once."""
-        for plan, selections in zip(plans, select_ahead(plans)):
+        for plan, selection in zip(plans, select_ahead(plans)):
             if plan.mode == "assembled":
-                self._fill_slots(plan, list(range(len(selections))), selections)
+                self._fill_slots(plan, list(range(len(selection))), selection)
 
-    def _fill_slots(self, plan: RowPlan, layers: list[int], selections: list[dict[int, int]]) -> None:
-        """Make each layer's attended cache slots hold its selection: one slot-table
+    def _fill_slots(self, plan: RowPlan, layers: list[int], selection: Selection) -> None:
+        """Make each layer's attended cache slots hold its selection (``selection``'s
+        row of the layer): one slot-table
         update, one gather (and rotation) from the host store for all the layers' missing
         tokens, one copy within the caches and one write (all layers' caches are one
         :class:`StackedCaches`)."""
@@ -219,13 +221,13 @@ class WorkerRuntime:
             for layer in stale:
                 memory.sink_state[layer] = wanted
         # layers whose slots already hold their selection (steps between retrievals) skip
-        todo = [(layer, selection) for layer, selection in zip(layers, selections)
-                if memory.filled[layer] != selection]
+        todo = memory.unfilled(layers, selection)
         if not todo:
             return
         began = time.perf_counter()
-        layers, selections = (list(t) for t in zip(*todo))
-        codes = memory.token_codes(layers, selections, plan.frame)
+        if len(todo) < len(layers):
+            layers, selection = [layers[i] for i in todo], selection.rows(torch.tensor(todo))
+        codes = memory.token_codes(layers, selection, plan.frame)
         changes = memory.slots.update(torch.tensor(layers), codes, plan.cache_slots)
         absolute, key_at, value_at = _cache_slots(plan, layout, self.layout)
         if changes.move_layer.numel():
@@ -238,8 +240,7 @@ class WorkerRuntime:
             keys, values = memory.code_keys(which, changes.load_code, plan.frame, plan.anchor, self.rope)
             caches.write(self.isa, changes.load_layer, absolute[changes.load_to], keys, values)
             self.stats.observe("prefetch_latency_seconds", time.perf_counter() - began)
-        for layer, selection in zip(layers, selections):
-            memory.filled[layer] = selection
+        memory.mark_filled(layers, selection)
         self.stats.inc("device_cache_hits", changes.hits)
         self.stats.inc("device_cache_misses", changes.misses)
 
