@@ -242,8 +242,10 @@ class RequestMemory:
     """``(num_layers,)`` bool: whether the layer's row of ``filled`` is known"""
     sink_state: list[tuple] = field(init=False)
     """per layer: the rotation the sink tokens in the paged cache have (engine-side)"""
-    retained: list[tuple | None] = field(init=False)
-    """per layer: ((budget, frame, anchor), selection) of the last retrieval"""
+    retained: Selection = field(init=False)
+    """one row per layer: the selection of its last retrieval"""
+    retained_for: list[tuple | None] = field(init=False)
+    """per layer: the ``(budget, frame, anchor)`` its row of ``retained`` was made for"""
     engine_state: dict = field(default_factory=dict)
     """what the engine adapter keeps per request (freed with it)"""
     last_queries: torch.Tensor | None = None
@@ -267,7 +269,8 @@ class RequestMemory:
         self.filled = Selection.empty(self.shape.num_layers)
         self.filled_known = torch.zeros(self.shape.num_layers, dtype=torch.bool)
         self.sink_state = [("natural", None)] * self.shape.num_layers
-        self.retained = [None] * self.shape.num_layers
+        self.retained = Selection.empty(self.shape.num_layers)
+        self.retained_for = [None] * self.shape.num_layers
 
     @property
     def open_start(self) -> int:
@@ -393,9 +396,8 @@ class RequestMemory:
             self.store.touch(plan.everything.events[0], plan.end)
             self.ahead_key = None  # the slots will hold everything, not the retained selection
             return plan.everything
-        kept = self.retained[layer]
-        if not plan.refresh and kept is not None and kept[0] == plan.selection_key:
-            return kept[1]
+        if not plan.refresh and self.retained_for[layer] == plan.selection_key:
+            return self.retained.row(layer)
         return None
 
     def score_chunk(self, layer: int, plan: RowPlan, query: torch.Tensor) -> torch.Tensor:
@@ -449,8 +451,9 @@ class RequestMemory:
     def _retain(self, layers: list[int], plan: RowPlan, selection: Selection) -> None:
         """Record the layers' selections (a row each) for the steps that do not retrieve."""
         key = plan.selection_key
-        for i, layer in enumerate(layers):
-            self.retained[layer] = (key, selection.row(i))
+        self.retained = self.retained.with_rows(torch.tensor(layers), selection)
+        for layer in layers:
+            self.retained_for[layer] = key
         self.ahead_key = None
 
     def unfilled(self, layers: list[int], selection: Selection) -> list[int]:

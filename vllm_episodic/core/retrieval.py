@@ -63,8 +63,7 @@ class Selection:
         return Selection(self.events.index_select(0, index), self.tokens.index_select(0, index))
 
     def row(self, i: int) -> Selection:
-        """Row ``i`` as a selection of one row (itself when it has only that one)."""
-        return self if len(self) == 1 and i == 0 else self.rows(slice(i, i + 1))
+        return self.rows(slice(i, i + 1))
 
     def widened(self, width: int) -> Selection:
         """The same rows ``width`` columns wide (padded with -1 and 0)."""
