@@ -204,11 +204,10 @@ class WorkerRuntime:
                 self._fill_slots(plan, list(range(len(selection))), selection)
 
     def _fill_slots(self, plan: RowPlan, layers: list[int], selection: Selection) -> None:
-        """Make each layer's attended cache slots hold its selection (``selection``'s
-        row of the layer): one slot-table
-        update, one gather (and rotation) from the host store for all the layers' missing
-        tokens, one copy within the caches and one write (all layers' caches are one
-        :class:`StackedCaches`)."""
+        """Make each layer's attended cache slots hold its row of ``selection``: one
+        slot-table update, one gather (and rotation) from the host store for all the
+        layers' missing tokens, one copy within the caches and one write (all layers'
+        caches are one :class:`StackedCaches`)."""
         memory = plan.memory
         layout = self.memory.layout
         caches = self.caches
