@@ -239,6 +239,9 @@ def test_selections_are_canonical_so_equal_choices_compare_equal_row_by_row():
     fewer = Selection.of(torch.tensor([[2, 5, 7], [1, 3, -1]]), torch.tensor([[9, 1, 3], [8, 2, 0]]))
     assert a.same_rows(fewer).tolist() == [False, True]  # one token fewer of event 7
     # rows replaced in a copy, widened as needed; the original is untouched
-    c = Selection.empty(3).with_rows(torch.tensor([2, 0]), a)
-    assert c.to_dicts() == [{1: 8, 3: 2}, {}, {2: 9, 5: 1, 7: 4}] and Selection.empty(3).events.shape == (3, 0)
+    empty = Selection.empty(3)
+    c = empty.with_rows(torch.tensor([2, 0]), a)
+    assert c.to_dicts() == [{1: 8, 3: 2}, {}, {2: 9, 5: 1, 7: 4}] and empty.events.shape == (3, 0)
+    assert a.with_rows(torch.tensor([1]), a.row(0)).to_dicts()[1] == {2: 9, 5: 1, 7: 4}
+    assert a.to_dicts() == [{2: 9, 5: 1, 7: 4}, {1: 8, 3: 2}]
     assert c.rows(torch.tensor([2])).same_rows(a.row(0)).all() and a.row(1).to_dicts() == [{1: 8, 3: 2}]
