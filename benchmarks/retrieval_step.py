@@ -90,10 +90,10 @@ def measure(args, requests: int) -> dict:
             began = time.perf_counter()
             selections = select_ahead(plans)
             retrieved = time.perf_counter()
+            layers = torch.arange(args.layers)
             for plan, chosen in zip(plans, selections):
-                layers = list(range(args.layers))
-                codes = plan.memory.token_codes(layers, chosen, plan.frame)
-                plan.memory.slots.update(torch.tensor(layers), codes, plan.cache_slots)
+                codes = plan.memory.token_codes(chosen, plan.frame)
+                plan.memory.slots.update(layers, codes, plan.cache_slots)
             done = time.perf_counter()
             samples["scoring"].append(scoring[0])
             samples["retrieval"].append(retrieved - began - scoring[0])

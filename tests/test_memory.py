@@ -178,18 +178,18 @@ def test_consecutive_events_form_runs_in_the_bounded_frame():
         total -= other[e]
         if total == 0:
             break
-    for layers, selections in (([0], [selection]), ([1, 0], [other, selection])):
-        codes = request.token_codes(layers, as_selection(*selections), "bounded")[-1]
+    for selections in ([selection], [other, selection]):
+        codes = request.token_codes(as_selection(*selections), "bounded")[-1]
         position, back = codes // request.code_span, codes % request.code_span
         event = torch.searchsorted(store.ends[: store.num_events], position, right=True)
         assert torch.equal(back, torch.tensor([run_end[e] for e in event.tolist()]) - 1 - position)
-    exact = request.token_codes([0], as_selection(selection), "exact")[0]
+    exact = request.token_codes(as_selection(selection), "exact")[0]
     assert set((exact // request.code_span).tolist()) == {
         p for e, n in selection.items() for p in range(int(store.starts[e]), int(store.starts[e]) + n)}
     assert not (exact % request.code_span).any()
     # the rotation the keys get: a run's tokens sit at consecutive positions ending at the anchor
     anchor = 1000
-    codes = request.token_codes([0], as_selection(selection), "bounded")[0]
+    codes = request.token_codes(as_selection(selection), "bounded")[0]
     assert codes.numel() == sum(selection.values()) and codes.unique().numel() == codes.numel()
     got_k, _ = request.code_keys(0, codes, "bounded", anchor, seq.rope)
     first, last = int(store.starts[2]), end(4)
@@ -257,7 +257,7 @@ def test_retrieval_interval_keeps_a_layers_selection_between_retrievals():
         (plan,) = memory.plan_step([BatchRow("r", done, 1, capacity=700)])
         retrieved = memory.stats.get("events_retrieved")
         chosen = request.select(0, plan, seq.q[0][done : done + 1])
-        update = slots.update(torch.tensor([0]), request.token_codes([0], chosen, plan.frame), 64)
+        update = slots.update(torch.tensor([0]), request.token_codes(chosen, plan.frame), 64)
         fresh.append(plan.refresh)
         if not plan.refresh:
             assert chosen.to_dicts() == previous.to_dicts()
@@ -324,21 +324,25 @@ def test_layers_whose_slots_hold_their_selection_are_skipped_until_a_new_frame()
     (plan,) = memory.plan_step([BatchRow("r", 600, 1, capacity=700)])
     seq.keep_query(request, 599)
     (chosen,) = select_ahead([plan])
-    layers = list(range(LAYERS))
-    assert request.unfilled(layers, chosen) == layers  # nothing known yet
+    layers = torch.arange(LAYERS)
+
+    def unfilled(layers, selection) -> list[int]:
+        return request.unfilled(torch.as_tensor(layers), selection).tolist()
+
+    assert unfilled(layers, chosen) == layers.tolist()  # nothing known yet
     request.mark_filled(layers, chosen)
-    assert request.unfilled(layers, chosen) == []
+    assert unfilled(layers, chosen) == []
     # held selections are held whatever their padding; a changed row of layer 1 is not
     changed = chosen.with_rows(torch.tensor([1]), chosen.row(0))
     assert not bool(changed.same_rows(chosen)[1])
-    assert request.unfilled(layers, changed.widened(chosen.events.shape[1] + 3)) == [1]
-    assert request.unfilled([1], chosen.row(1)) == []
-    request.mark_filled([1], changed.row(1))
-    assert request.unfilled([1], chosen.row(1)) == [0] and request.unfilled([0], chosen.row(0)) == []
+    assert unfilled(layers, changed.widened(chosen.events.shape[1] + 3)) == [1]
+    assert unfilled([1], chosen.row(1)) == []
+    request.mark_filled(torch.tensor([1]), changed.row(1))
+    assert unfilled([1], chosen.row(1)) == [0] and unfilled([0], chosen.row(0)) == []
     # a new anchor moves every key: no layer's slots are known to hold anything
     request.anchor -= 1000
     (plan,) = memory.plan_step([BatchRow("r", 601, 1, capacity=700)])
-    assert plan.rewrite and request.unfilled(layers, chosen) == layers
+    assert plan.rewrite and unfilled(layers, chosen) == layers.tolist()
 
 
 def test_host_memory_cap_evicts_least_recently_retrieved_pages():

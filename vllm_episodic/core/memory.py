@@ -69,6 +69,8 @@ OBSERVATION_QUERIES = 32
 REANCHOR = 128
 #: float32 elements of attention scores computed at once for representatives (16 MiB)
 REPS_SCRATCH = 1 << 22
+#: the rotation code of keys at their true positions (the exact frame); no anchor has it
+NATURAL = -(1 << 63)
 
 
 class Settings(Protocol):
@@ -188,10 +190,16 @@ class RowPlan:
         return self.num_computed + self.num_scheduled
 
     @property
-    def selection_key(self) -> tuple[int, str, int]:
-        """What a selection is valid for: budget, frame and anchor (a kept selection is
+    def rotation(self) -> int:
+        """Where the step's memory keys are rotated for, as one int: the anchor in the
+        bounded frame, :data:`NATURAL` in the exact one."""
+        return NATURAL if self.frame == "exact" else self.anchor
+
+    @property
+    def selection_key(self) -> tuple[int, int]:
+        """What a selection is valid for: budget and rotation (a kept selection is
         reused only while these stay the same)."""
-        return self.memory_tokens, self.frame, self.anchor
+        return self.memory_tokens, self.rotation
 
     @property
     def query_positions(self) -> torch.Tensor:
@@ -240,12 +248,14 @@ class RequestMemory:
     """one row per layer: the selection its attended slots hold (:meth:`unfilled`)"""
     filled_known: torch.Tensor = field(init=False)
     """``(num_layers,)`` bool: whether the layer's row of ``filled`` is known"""
-    sink_state: list[tuple] = field(init=False)
-    """per layer: the rotation the sink tokens in the paged cache have (engine-side)"""
+    sink_rotation: torch.Tensor = field(init=False)
+    """``(num_layers,)`` int64: the rotation (:attr:`RowPlan.rotation`) of the sink
+    tokens' keys in each layer's paged cache (engine-side)"""
     retained: Selection = field(init=False)
     """one row per layer: the selection of its last retrieval"""
-    retained_for: list[tuple | None] = field(init=False)
-    """per layer: the ``(budget, frame, anchor)`` its row of ``retained`` was made for"""
+    retained_for: torch.Tensor = field(init=False)
+    """``[num_layers, 2]`` int64: the :attr:`RowPlan.selection_key` each layer's row of
+    ``retained`` was made for (budget -1: none yet)"""
     engine_state: dict = field(default_factory=dict)
     """what the engine adapter keeps per request (freed with it)"""
     last_queries: torch.Tensor | None = None
@@ -253,7 +263,7 @@ class RequestMemory:
     last_query_position: int = -1
     decode_steps: int = 0
     ahead_key: tuple | None = None
-    """``(budget, frame, anchor)`` of the last :func:`select_ahead` while every layer
+    """the :attr:`RowPlan.selection_key` of the last :func:`select_ahead` while every layer
     still keeps the selection it made (None once a layer retrieves on its own)"""
 
     def __post_init__(self):
@@ -268,9 +278,9 @@ class RequestMemory:
         self.slots = SlotTable(self.shape.num_layers)
         self.filled = Selection.empty(self.shape.num_layers)
         self.filled_known = torch.zeros(self.shape.num_layers, dtype=torch.bool)
-        self.sink_state = [("natural", None)] * self.shape.num_layers
+        self.sink_rotation = torch.full((self.shape.num_layers,), NATURAL)
         self.retained = Selection.empty(self.shape.num_layers)
-        self.retained_for = [None] * self.shape.num_layers
+        self.retained_for = torch.tensor([-1, NATURAL]).repeat(self.shape.num_layers, 1)
 
     @property
     def open_start(self) -> int:
@@ -396,7 +406,7 @@ class RequestMemory:
             self.store.touch(plan.everything.events[0], plan.end)
             self.ahead_key = None  # the slots will hold everything, not the retained selection
             return plan.everything
-        if not plan.refresh and self.retained_for[layer] == plan.selection_key:
+        if not plan.refresh and self.retained_for[layer].tolist() == list(plan.selection_key):
             return self.retained.row(layer)
         return None
 
@@ -441,33 +451,29 @@ class RequestMemory:
         queries = self.rope.apply(self.last_queries, *angles)
         return score_layer_events(queries, self.store.reps[:, : available.numel()], available)
 
-    def _store_queues(self, layers: list[int], queues: torch.Tensor) -> None:
+    def _store_queues(self, layers: torch.Tensor, queues: torch.Tensor) -> None:
         """Keep the new contiguity queues ``[len(layers), width]`` of these layers."""
         width = max(self.contiguity.shape[1], queues.shape[1])
         pad = torch.nn.functional.pad
         self.contiguity = pad(self.contiguity, (0, width - self.contiguity.shape[1]), value=-1)
         self.contiguity[layers] = pad(queues, (0, width - queues.shape[1]), value=-1)
 
-    def _retain(self, layers: list[int], plan: RowPlan, selection: Selection) -> None:
-        """Record the layers' selections (a row each) for the steps that do not retrieve."""
-        key = plan.selection_key
-        self.retained = self.retained.with_rows(torch.tensor(layers), selection)
-        for layer in layers:
-            self.retained_for[layer] = key
+    def _retain(self, layers: torch.Tensor, plan: RowPlan, selection: Selection) -> None:
+        """Record the ``layers``' selections (a row each) for the steps that do not retrieve."""
+        self.retained = self.retained.with_rows(layers, selection)
+        self.retained_for[layers] = torch.tensor(plan.selection_key)
         self.ahead_key = None
 
-    def unfilled(self, layers: list[int], selection: Selection) -> list[int]:
-        """Which rows of ``selection`` (one per layer of ``layers``) the layers' attended
-        slots do not hold yet."""
-        index = torch.tensor(layers)
-        held = self.filled.rows(index).same_rows(selection) & self.filled_known[index]
-        return (~held).nonzero().flatten().tolist()
+    def unfilled(self, layers: torch.Tensor, selection: Selection) -> torch.Tensor:
+        """Which rows of ``selection`` (one per layer of ``layers (n,)``) the layers'
+        attended slots do not hold yet, ascending."""
+        held = self.filled.rows(layers).same_rows(selection) & self.filled_known[layers]
+        return (~held).nonzero().flatten()
 
-    def mark_filled(self, layers: list[int], selection: Selection) -> None:
-        """The layers' attended slots now hold ``selection`` (one row per layer)."""
-        index = torch.tensor(layers)
-        self.filled = self.filled.with_rows(index, selection)
-        self.filled_known[index] = True
+    def mark_filled(self, layers: torch.Tensor, selection: Selection) -> None:
+        """The ``layers``' attended slots now hold ``selection`` (one row per layer)."""
+        self.filled = self.filled.with_rows(layers, selection)
+        self.filled_known[layers] = True
 
     @property
     def code_span(self) -> int:
@@ -475,12 +481,12 @@ class RequestMemory:
         one event (its last, cut event's untaken tail), so ``back`` stays below this."""
         return self.layout.max_memory + self.settings.max_event_tokens
 
-    def token_codes(self, layers: list[int], selection: Selection, frame: str) -> torch.Tensor:
-        """``[len(layers), tokens]`` the selected tokens of each layer as codes of the
+    def token_codes(self, selection: Selection, frame: str) -> torch.Tensor:
+        """``[rows, tokens]`` the selected tokens of each row (a layer) as codes of the
         device cache (:class:`SlotTable`): ``position · span + back``, ``back`` being how
         far before the anchor the token's key is rotated to (0 in the exact frame), so
-        that a code says everything its slot holds. ``selection`` has a row per layer,
-        each attending equally many tokens.
+        that a code says everything its slot holds. Every row of ``selection``
+        attends equally many tokens.
 
         In the bounded frame an event sits ``lag`` tokens before the end of its *run*
         (module docstring): it continues the run of the event after it when that one is
@@ -489,7 +495,7 @@ class RequestMemory:
         """
         present = selection.events >= 0
         if not bool(present.any()):
-            return torch.empty((len(layers), 0), dtype=torch.long)
+            return torch.empty((len(selection), 0), dtype=torch.long)
         # every row's events, rows in order, each row's ascending: (layer, event) order
         ids, counts = selection.events[present], selection.tokens[present]
         store, span = self.store, self.code_span
@@ -497,7 +503,7 @@ class RequestMemory:
         lags = torch.zeros_like(ids)
         if frame != "exact":
             # a run is a stretch of events of one row, each whole but the last
-            row = torch.arange(len(layers))[:, None].expand_as(present)[present]
+            row = torch.arange(len(selection))[:, None].expand_as(present)[present]
             follows = torch.zeros(ids.numel(), dtype=torch.bool)
             follows[:-1] = (row[1:] == row[:-1]) & (ids[1:] == ids[:-1] + 1)
             whole = counts == ends - starts
@@ -509,12 +515,12 @@ class RequestMemory:
         rank = torch.arange(int(counts.sum())) - (torch.cumsum(counts, 0) - counts)[owner]
         positions = starts[owner] + rank
         if frame == "exact":
-            return (positions * span).view(len(layers), -1)
+            return (positions * span).view(len(selection), -1)
         # every run ends at the anchor: an event ends `lag` tokens before it
         back = (ends + lags)[owner] - 1 - positions
         if int(back.max()) >= span:
             raise ValueError(f"a run of {int(back.max()) + 1} tokens exceeds the code span {span}")
-        return (positions * span + back).view(len(layers), -1)
+        return (positions * span + back).view(len(selection), -1)
 
     def code_keys(self, layer: int | torch.Tensor, codes: torch.Tensor, frame: str, anchor: int,
                   rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
@@ -528,14 +534,14 @@ class RequestMemory:
         target = positions if frame == "exact" else anchor - back
         return _rotated(self.store, layer, positions, target, rope)
 
-    def sink_keys(self, layers: list[int], frame: str, anchor: int, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
+    def sink_keys(self, layers: torch.Tensor, frame: str, anchor: int, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V ``[len(layers) * sinks, num_kv_heads, head_size]`` (layer-major) of the
         sinks rotated for the frame: true positions, or A − budget − max_event − S + i."""
         sinks = self.layout.sinks
         positions = torch.arange(sinks).repeat(len(layers))
         shift = anchor - self.layout.max_memory - self.settings.max_event_tokens - sinks
         target = positions if frame == "exact" else positions + shift
-        return _rotated(self.store, torch.tensor(layers).repeat_interleave(sinks), positions, target, rope)
+        return _rotated(self.store, layers.repeat_interleave(sinks), positions, target, rope)
 
     def reference_attention(self, layer: int, plan: RowPlan, query: torch.Tensor,
                             selection: Selection, local_keys: torch.Tensor,
@@ -548,9 +554,9 @@ class RequestMemory:
         Returns:
             ``[q, num_heads, head_size]`` float32.
         """
-        sink_k, sink_v = self.sink_keys([layer], plan.frame, plan.anchor, rope)
+        sink_k, sink_v = self.sink_keys(torch.tensor([layer]), plan.frame, plan.anchor, rope)
         if selection.num_events:
-            codes = self.token_codes([layer], selection, plan.frame)[0]
+            codes = self.token_codes(selection, plan.frame)[0]
             mem_k, mem_v = self.code_keys(layer, codes, plan.frame, plan.anchor, rope)
             sink_k, sink_v = torch.cat((sink_k, mem_k)), torch.cat((sink_v, mem_v))
         out_g, lse_g = attention_with_lse(query, sink_k, sink_v, scale)
@@ -560,12 +566,12 @@ class RequestMemory:
         return merge_partials(out_l, lse_l, out_g, lse_g)
 
 
-def retrieve_rows(parts: list[tuple[RequestMemory, list[int], RowPlan, torch.Tensor]]) -> list[Selection]:
+def retrieve_rows(parts: list[tuple[RequestMemory, torch.Tensor, RowPlan, torch.Tensor]]) -> list[Selection]:
     """Retrieval for some layers of several requests in one call, one row per (request,
     layer) (:mod:`.retrieval`); moves their contiguity queues and records the selections.
 
     Args:
-        parts: per request ``(memory, layers, plan, scores [len(layers), events])``.
+        parts: per request ``(memory, layers (n,), plan, scores [n, events])``.
 
     Returns:
         per part its layers' selection (a row each): exactly ``plan.memory_tokens`` tokens.
@@ -600,7 +606,7 @@ def select_layer(layer: int, rows: list[tuple[RowPlan, torch.Tensor]]) -> list[S
     queries of this step (``[q, num_heads, head_size]``): the rows that retrieve do so
     in one call."""
     chosen = [plan.memory._unchanged(layer, plan) for plan, _ in rows]
-    parts = [(plan.memory, [layer], plan, plan.memory.score_chunk(layer, plan, query))
+    parts = [(plan.memory, torch.tensor([layer]), plan, plan.memory.score_chunk(layer, plan, query))
              for (plan, query), selection in zip(rows, chosen) if selection is None]
     fresh = iter(retrieve_rows(parts) if parts else ())
     return [selection if selection is not None else next(fresh) for selection in chosen]
@@ -619,7 +625,7 @@ def select_ahead(plans: list[RowPlan]) -> list[Selection]:
     parts = []
     for plan in plans:
         memory = plan.memory
-        parts.append((memory, list(range(memory.shape.num_layers)), plan, memory.score_ahead(plan)))
+        parts.append((memory, torch.arange(memory.shape.num_layers), plan, memory.score_ahead(plan)))
         plan.refresh, plan.selected_ahead = False, True
     selections = retrieve_rows(parts)
     for plan in plans:

@@ -192,18 +192,20 @@ class WorkerRuntime:
         """Retrieve this layer's events for these rows (each with its queries; one
         retrieval for all) and copy them into each row's cache slots, so that the
         attended blocks hold sinks + exactly the selected tokens."""
+        only = torch.tensor([layer])
         for (plan, _), selection in zip(rows, select_layer(layer, rows)):
-            self._fill_slots(plan, [layer], selection)
+            self._fill_slots(plan, only, selection)
 
     def select_ahead(self, plans: list[RowPlan]) -> None:
         """The decode rows' retrieval for every layer before the layers run (from the
         previous token's queries, all rows in one retrieval), then each row's slot copies
         for all layers at once."""
+        every = torch.arange(self.memory.shape.num_layers)
         for plan, selection in zip(plans, select_ahead(plans)):
             if plan.mode == "assembled":
-                self._fill_slots(plan, list(range(len(selection))), selection)
+                self._fill_slots(plan, every, selection)
 
-    def _fill_slots(self, plan: RowPlan, layers: list[int], selection: Selection) -> None:
+    def _fill_slots(self, plan: RowPlan, layers: torch.Tensor, selection: Selection) -> None:
         """Make each layer's attended cache slots hold its row of ``selection``: one
         slot-table update, one gather (and rotation) from the host store for all the
         layers' missing tokens, one copy within the caches and one write (all layers'
@@ -211,23 +213,21 @@ class WorkerRuntime:
         memory = plan.memory
         layout = self.memory.layout
         caches = self.caches
-        wanted = ("natural", None) if plan.frame == "exact" else ("bounded", plan.anchor)
-        stale = [layer for layer in layers if memory.sink_state[layer] != wanted]
-        if stale:
+        stale = layers[memory.sink_rotation[layers] != plan.rotation]
+        if stale.numel():
             sink_slots = _token_slots(plan.block_row, 0, layout.sinks, self.layout.block_size)
             keys, values = memory.sink_keys(stale, plan.frame, plan.anchor, self.rope)
-            caches.write(self.isa, torch.tensor(stale)[:, None], sink_slots[None, :], keys, values)
-            for layer in stale:
-                memory.sink_state[layer] = wanted
+            caches.write(self.isa, stale[:, None], sink_slots[None, :], keys, values)
+            memory.sink_rotation[stale] = plan.rotation
         # layers whose slots already hold their selection (steps between retrievals) skip
         todo = memory.unfilled(layers, selection)
-        if not todo:
+        if not todo.numel():
             return
         began = time.perf_counter()
-        if len(todo) < len(layers):
-            layers, selection = [layers[i] for i in todo], selection.rows(torch.tensor(todo))
-        codes = memory.token_codes(layers, selection, plan.frame)
-        changes = memory.slots.update(torch.tensor(layers), codes, plan.cache_slots)
+        if todo.numel() < layers.numel():
+            layers, selection = layers[todo], selection.rows(todo)
+        codes = memory.token_codes(selection, plan.frame)
+        changes = memory.slots.update(layers, codes, plan.cache_slots)
         absolute, key_at, value_at = _cache_slots(plan, layout, self.layout)
         if changes.move_layer.numel():
             # every source is read before any slot is written (a slot can be both)
@@ -235,7 +235,7 @@ class WorkerRuntime:
             keys, values = caches.read(changes.move_layer.view(-1, 1, 1), key_at[source], value_at[source])
             caches.write(self.isa, changes.move_layer, absolute[changes.move_to], keys, values)
         if changes.load_layer.numel():
-            which = layers[0] if len(layers) == 1 else changes.load_layer
+            which = int(layers[0]) if layers.numel() == 1 else changes.load_layer
             keys, values = memory.code_keys(which, changes.load_code, plan.frame, plan.anchor, self.rope)
             caches.write(self.isa, changes.load_layer, absolute[changes.load_to], keys, values)
             self.stats.observe("prefetch_latency_seconds", time.perf_counter() - began)
