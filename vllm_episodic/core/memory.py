@@ -606,7 +606,8 @@ def select_layer(layer: int, rows: list[tuple[RowPlan, torch.Tensor]]) -> list[S
     queries of this step (``[q, num_heads, head_size]``): the rows that retrieve do so
     in one call."""
     chosen = [plan.memory._unchanged(layer, plan) for plan, _ in rows]
-    parts = [(plan.memory, torch.tensor([layer]), plan, plan.memory.score_chunk(layer, plan, query))
+    only = torch.tensor([layer])
+    parts = [(plan.memory, only, plan, plan.memory.score_chunk(layer, plan, query))
              for (plan, query), selection in zip(rows, chosen) if selection is None]
     fresh = iter(retrieve_rows(parts) if parts else ())
     return [selection if selection is not None else next(fresh) for selection in chosen]
