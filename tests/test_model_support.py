@@ -70,6 +70,21 @@ def test_supported_model_passes_the_checks(model_dir):
     assert config.cache_config.enable_prefix_caching is False
 
 
+@pytest.mark.parametrize(
+    "backend, chunk, expected",
+    [("episodic", None, 4096), (None, None, 2048), ("episodic", 2048, 2048)],
+)
+def test_serving_prefill_chunk_default(model_dir, backend, chunk, expected):
+    """``vllm serve`` chunks prefills by 2,048 tokens on CPU; episodic makes it 4,096
+    unless the user passed ``--max-num-batched-tokens``."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.usage.usage_lib import UsageContext
+
+    config = EngineArgs(model=model_dir, attention_backend=backend, enforce_eager=True, max_model_len=8192,
+                        max_num_batched_tokens=chunk).create_engine_config(UsageContext.OPENAI_API_SERVER)
+    assert config.scheduler_config.max_num_batched_tokens == expected
+
+
 @pytest.mark.server
 def test_unsupported_model_through_the_cli(tiny_models):
     vllm = str(Path(sys.executable).with_name("vllm"))
