@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -116,6 +117,8 @@ def main() -> int:
     parser.add_argument("--threads-bind", default=None,
                         help="VLLM_CPU_OMP_THREADS_BIND for both servers (default: every core, 0-N; "
                              "'auto' is vLLM's own default: one core left to the API server)")
+    parser.add_argument("--serve-args", default="",
+                        help="more `vllm serve` flags for both backends, e.g. '--max-num-batched-tokens 2048'")
     parser.add_argument("--tag", default="", help="suffix of the output files and of the raw files' folder")
     parser.add_argument("--reuse", nargs="*", default=[], choices=["stock", "episodic"],
                         help="take these backends' rows from the result files of an earlier run "
@@ -128,7 +131,7 @@ def main() -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {"model": args.model, "machine": common.machine(), "episodic_config": json.loads(args.episodic),
               "output_len": args.output_len, "num_prompts": args.num_prompts,
-              "threads_bind": common.threads_binding(args.threads_bind)}
+              "threads_bind": common.threads_binding(args.threads_bind), "serve_args": args.serve_args}
     for backend in args.backends:
         lengths = [n for n in args.lengths if backend == "episodic" or n <= args.stock_max_len]
         if not lengths:
@@ -141,7 +144,8 @@ def main() -> int:
         max_len = max(lengths) + args.output_len + 64
         rows = []
         with common.serve(model_dir, backend, max_len, episodic=json.loads(args.episodic),
-                          kv_space_gib=args.kv_space_gib, threads_bind=args.threads_bind) as base:
+                          kv_space_gib=args.kv_space_gib, threads_bind=args.threads_bind,
+                          extra=shlex.split(args.serve_args)) as base:
             for length in lengths:
                 for conc in args.concurrency:
                     row = bench(base, model_dir, length, conc, args, out_dir, backend)
