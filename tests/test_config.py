@@ -54,6 +54,7 @@ def test_unknown_key_lists_the_valid_keys():
         ({"window_tokens": -5}, ["window_tokens", "greater than or equal to 16"]),
         ({"contiguity_share": 1.5}, ["contiguity_share", "less than 1"]),
         ({"prefill_query_tokens": -1}, ["prefill_query_tokens", "greater than or equal to 0"]),
+        ({"prefill_chunk_tokens": 100}, ["prefill_chunk_tokens", "greater than or equal to 256"]),
         ({"sink_tokens": "many"}, ["sink_tokens", "valid integer"]),
         ({"min_event_tokens": 64, "max_event_tokens": 32}, ["min_event_tokens", "max_event_tokens"]),
         ({"retrieval_budget_tokens": 64, "max_event_tokens": 128}, ["retrieval_budget_tokens", "one event fits"]),

@@ -71,17 +71,25 @@ def test_supported_model_passes_the_checks(model_dir):
 
 
 @pytest.mark.parametrize(
-    "backend, chunk, expected",
-    [("episodic", None, 4096), (None, None, 2048), ("episodic", 2048, 2048)],
+    "backend, settings, chunk, expected",
+    [
+        (None, None, None, 2048),
+        ("episodic", {}, None, 2048),
+        ("episodic", {"preset": "qwen2"}, None, 4096),
+        ("episodic", {"prefill_chunk_tokens": 3072}, None, 3072),
+        ("episodic", {"preset": "qwen2"}, 2048, 2048),
+    ],
 )
-def test_serving_prefill_chunk_default(model_dir, backend, chunk, expected):
-    """``vllm serve`` chunks prefills by 2,048 tokens on CPU; episodic makes it 4,096
-    unless the user passed ``--max-num-batched-tokens``."""
+def test_serving_prefill_chunk(model_dir, backend, settings, chunk, expected):
+    """``vllm serve`` chunks prefills by 2,048 tokens on CPU; ``prefill_chunk_tokens``
+    (4,096 in the qwen2 preset) replaces that default, ``--max-num-batched-tokens`` wins."""
     from vllm.engine.arg_utils import EngineArgs
     from vllm.usage.usage_lib import UsageContext
 
+    extra = {} if settings is None else {"episodic": settings}
     config = EngineArgs(model=model_dir, attention_backend=backend, enforce_eager=True, max_model_len=8192,
-                        max_num_batched_tokens=chunk).create_engine_config(UsageContext.OPENAI_API_SERVER)
+                        max_num_batched_tokens=chunk, additional_config=extra,
+                        ).create_engine_config(UsageContext.OPENAI_API_SERVER)
     assert config.scheduler_config.max_num_batched_tokens == expected
 
 

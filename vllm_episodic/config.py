@@ -71,6 +71,12 @@ class EpisodicConfig(BaseModel):
     of the chunk's queries, InfLLM's choice). The chunk's last tokens are the ones the
     next token (the first generated one, after the prompt's last chunk) follows from."""
 
+    prefill_chunk_tokens: int | None = Field(None, ge=256, le=1 << 20)
+    """Prefill chunk (``max_num_batched_tokens``) when ``--max-num-batched-tokens`` is not
+    given; None: vLLM's default (2,048 for ``vllm serve`` on CPU). Each chunk retrieves
+    once and attends its own tokens exactly. Past the trained length the chunk is
+    lowered to what keeps positions in range."""
+
     contiguity_share: float = Field(0.3, ge=0.0, lt=1.0)
     """Share of the retrieval budget given to temporal neighbours of retrieved events."""
 

@@ -15,8 +15,9 @@ Patches (each idempotent, applied by :func:`vllm_episodic.integration.register`)
 4. ``EngineArgs.create_model_config``: allow ``--max-model-len`` beyond the model's
    trained length when episodic is selected (vLLM otherwise demands
    VLLM_ALLOW_LONG_MAX_MODEL_LEN=1; the backend keeps positions in range itself), and
-   make :data:`PREFILL_CHUNK_TOKENS` the default prefill chunk (``vllm serve`` on CPU
-   would chunk by 2,048 tokens; an explicit ``--max-num-batched-tokens`` wins).
+   make the config's ``prefill_chunk_tokens`` the default ``max_num_batched_tokens``
+   (vLLM picks its default after this call; an explicit ``--max-num-batched-tokens``
+   wins).
 
 Removal: when vLLM's CPU platform honours ``CUSTOM`` (1, 2) and plugins can declare
 config sections (3).
@@ -33,11 +34,6 @@ from vllm_episodic.config import ADDITIONAL_CONFIG_KEY, EpisodicConfig, Episodic
 logger = logging.getLogger("vllm_episodic")
 
 BACKEND_NAME = "EPISODIC"
-#: default ``max_num_batched_tokens`` with episodic (vLLM's CPU default for the ``LLM``
-#: class; ``vllm serve`` defaults to 2,048): each prefill chunk retrieves once and
-#: attends its own tokens exactly, and with 2,048-token chunks Qwen2.5 missed two QA
-#: answers in 20 at 16K that stock and 4,096-token chunks got right (README, Quality)
-PREFILL_CHUNK_TOKENS = 4096
 # the backend class per platform; adding the CUDA backend adds one entry here
 BACKEND_PATHS = {
     "cpu": "vllm_episodic.integration.cpu_backend.EpisodicCPUBackend",
@@ -120,9 +116,10 @@ def patch_engine_args() -> None:
                 os.environ["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = previous
             if cached:
                 vllm_envs.enable_envs_cache()
+        chunk = EpisodicConfig.from_additional_config(self.additional_config).prefill_chunk_tokens
         # without chunked prefill a prompt must fit one batch: vLLM's own default handles that
-        if self.max_num_batched_tokens is None and self.enable_chunked_prefill is not False:
-            self.max_num_batched_tokens = PREFILL_CHUNK_TOKENS
+        if chunk is not None and self.max_num_batched_tokens is None and self.enable_chunked_prefill is not False:
+            self.max_num_batched_tokens = chunk
         return model_config
 
     create_model_config._episodic = True
