@@ -15,6 +15,9 @@ in-process engine. The episodic step is split by timing the memory's own entry p
 
     python benchmarks/profile_decode.py --context 30000 --decode 64
 
+``--slow-steps`` also lists the decode steps slower than 1.5x the median (the retrieval
+steps, a new bounded frame) with their parts.
+
 Prints a table and writes benchmarks/results/profile-decode.json.
 """
 
@@ -24,6 +27,7 @@ import argparse
 import functools
 import json
 import os
+import statistics
 import sys
 import time
 from collections import defaultdict
@@ -69,8 +73,10 @@ def instrument() -> None:
     timing(memory.EpisodicMemory, "end_step", "events")
 
 
-def decode_steps(llm, prompt_ids: list[int], decode: int, requests: int = 1) -> tuple[float, int]:
-    """Seconds spent in steps where every request decodes (all prefills done) and how many."""
+def decode_steps(llm, prompt_ids: list[int], decode: int, requests: int = 1,
+                 per_step: list | None = None) -> tuple[float, int]:
+    """Seconds spent in steps where every request decodes (all prefills done) and how many;
+    ``per_step`` gets each such step's ``(ms, {part: ms})``."""
     from vllm import SamplingParams
 
     engine = llm.llm_engine
@@ -87,6 +93,9 @@ def decode_steps(llm, prompt_ids: list[int], decode: int, requests: int = 1) -> 
         if decoding and len(outputs) == requests:
             spent += time.perf_counter() - began
             steps += 1
+            if per_step is not None:
+                per_step.append(((time.perf_counter() - began) * 1e3,
+                                 {k: (v - parts_before.get(k, 0.0)) * 1e3 for k, v in SPENT.items()}))
         elif decoding:  # some request has finished: neither the step nor its parts count
             SPENT.clear()
             SPENT.update(parts_before)
@@ -94,6 +103,18 @@ def decode_steps(llm, prompt_ids: list[int], decode: int, requests: int = 1) -> 
         if not decoding and len(started) == requests:
             SPENT.clear()  # from here on, decode steps only
     return spent, steps
+
+
+def slow_steps(per_step: list) -> list[dict]:
+    """The decode steps slower than 1.5x the median (retrievals, new frames), printed and
+    returned with their parts (ms, parts under 0.5 ms left out)."""
+    median = statistics.median(ms for ms, _ in per_step)
+    slow = [{"step": i, "ms": round(ms, 1), "parts_ms": {k: round(v, 1) for k, v in parts.items() if v >= 0.5}}
+            for i, (ms, parts) in enumerate(per_step) if ms > 1.5 * median]
+    common.log(f"median step {median:.2f} ms; {len(slow)} of {len(per_step)} steps slower than 1.5x:")
+    for row in slow:
+        print(f"  step {row['step']}: {row['ms']} ms {row['parts_ms']}")
+    return slow
 
 
 def main() -> int:
@@ -108,6 +129,8 @@ def main() -> int:
     parser.add_argument("--max-model-len", type=int, default=None,
                         help="engine max_model_len (default: just the prompt and the decoded tokens)")
     parser.add_argument("--out", default=None, help="JSON path (default: results/profile-decode.json)")
+    parser.add_argument("--slow-steps", action="store_true",
+                        help="also list each episodic decode step slower than 1.5x the median, with its parts")
     parser.add_argument("--random-prompt", action="store_true",
                         help="uniformly random token ids (as `vllm bench serve --dataset-name random`) instead of text")
     args = parser.parse_args()
@@ -139,9 +162,13 @@ def main() -> int:
         elif max_len > common.trained_length(model_dir):
             kwargs["hf_overrides"] = {"max_position_embeddings": max_len}
         llm = LLM(**kwargs)
-        spent, steps = decode_steps(llm, prompt_ids, args.decode, args.requests)
+        per_step = []
+        spent, steps = decode_steps(llm, prompt_ids, args.decode, args.requests, per_step)
         parts = {k: v / steps * 1e3 for k, v in SPENT.items()} if backend == "episodic" else {}
-        report[backend] = {"step_ms": spent / steps * 1e3, "steps": steps, "parts_ms": parts}
+        report[backend] = {"step_ms": spent / steps * 1e3, "steps": steps, "parts_ms": parts,
+                           "median_step_ms": statistics.median(ms for ms, _ in per_step)}
+        if args.slow_steps and backend == "episodic":
+            report[backend]["slow_steps"] = slow_steps(per_step)
         common.log(f"{backend}: {spent / steps * 1e3:.2f} ms per decode step over {steps} steps; {parts}")
         del llm
 

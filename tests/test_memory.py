@@ -302,10 +302,10 @@ def test_decode_steps_between_retrievals_made_ahead_skip_the_layers_selection():
     assert step(612).refresh is False and request.ahead_key is not None  # retrieved ahead again
     plan = step(613)
     assert plan.selected_ahead and not plan.refresh
-    # a new anchor ends it too
+    # a new anchor ends it too: that step retrieves anew (ahead of the layers)
     request.anchor -= 1000
-    plan = step(614)
-    assert plan.rewrite and not plan.selected_ahead
+    plan = step(614, ahead=False)
+    assert plan.rewrite and plan.refresh and not plan.selected_ahead
     # memory that fits the budget is attended whole, not what was retained
     short = Sequence(200)
     _, whole = run(short, settings(retrieval_interval=3), [150])
@@ -315,6 +315,33 @@ def test_decode_steps_between_retrievals_made_ahead_skip_the_layers_selection():
     everything = {e: n for e, n in enumerate(plan.available.tolist()) if n > 0}
     assert small.select(0, plan, short.q[0][150:151]).to_dicts() == [everything]
     assert small.ahead_key is None
+
+
+def test_a_decode_step_that_moves_the_frame_retrieves_for_every_layer_ahead_of_them():
+    """A new anchor invalidates every layer's kept selection: its decode step is a
+    refresh, so it retrieves once for all layers before they run (not once per layer),
+    and the retrieval interval counts from it."""
+    seq = Sequence(700)
+    config = settings(retrieval_budget_tokens=64, retrieval_interval=4, positions="bounded")
+    _, memory = run(seq, config, [600])
+    request = memory.requests["r"]
+    refresh, rewrite, ahead = [], [], []
+    for done in range(600, 610):
+        if done == 602:
+            request.anchor -= 1000  # as if the queries had drifted REANCHOR past it
+        (plan,) = memory.plan_step([BatchRow("r", done, 1, capacity=700)])
+        refresh.append(plan.refresh)
+        rewrite.append(plan.rewrite)
+        ahead.append(request.can_select_ahead(plan))
+        if ahead[-1]:
+            retrieved = memory.stats.get("events_retrieved")
+            (chosen,) = select_ahead([plan])
+            assert chosen.events.shape[0] == LAYERS
+            assert memory.stats.get("events_retrieved") > retrieved
+        seq.keep_query(request, done)
+    assert rewrite[2] and not any(rewrite[3:])
+    assert refresh == [True, False, True, False, False, False, True, False, False, False]
+    assert ahead == refresh
 
 
 def test_layers_whose_slots_hold_their_selection_are_skipped_until_a_new_frame():

@@ -293,12 +293,17 @@ class RequestMemory:
 
     # ---- per step -------------------------------------------------------------------
 
-    def refreshes(self, num_scheduled: int) -> bool:
+    def refreshes(self, num_scheduled: int, rewrite: bool = False) -> bool:
         """Whether this step retrieves: every prefill chunk, every ``retrieval_interval``-th
-        decode step (the first one included)."""
+        decode step (the first one included), counted from the last one that moved the
+        frame (``rewrite``). A new frame invalidates every layer's kept selection; as a
+        refresh its decode step retrieves for all layers in one batched call ahead of
+        them (:func:`select_ahead`) instead of once per layer."""
         if num_scheduled > 1:
             self.decode_steps = 0
             return True
+        if rewrite:
+            self.decode_steps = 0
         due = self.decode_steps % self.settings.retrieval_interval == 0
         self.decode_steps += 1
         return due
@@ -702,7 +707,7 @@ class EpisodicMemory:
                 anchor=anchor, rewrite=rewrite,
                 block_row=None if block_rows is None else block_rows[index],
                 observe=end + OBSERVATION_QUERIES + row.num_scheduled > self.layout.sinks + s.window_tokens,
-                refresh=memory.refreshes(row.num_scheduled),
+                refresh=memory.refreshes(row.num_scheduled, rewrite),
             )
             if mode != "natural" and memory_tokens > 0:
                 self._plan_retrieval(plan)
