@@ -91,10 +91,11 @@ def decode_steps(llm, prompt_ids: list[int], decode: int, requests: int = 1,
         began = time.perf_counter()
         outputs = engine.step()
         if decoding and len(outputs) == requests:
-            spent += time.perf_counter() - began
+            elapsed = time.perf_counter() - began
+            spent += elapsed
             steps += 1
             if per_step is not None:
-                per_step.append(((time.perf_counter() - began) * 1e3,
+                per_step.append((elapsed * 1e3,
                                  {k: (v - parts_before.get(k, 0.0)) * 1e3 for k, v in SPENT.items()}))
         elif decoding:  # some request has finished: neither the step nor its parts count
             SPENT.clear()
@@ -105,10 +106,9 @@ def decode_steps(llm, prompt_ids: list[int], decode: int, requests: int = 1,
     return spent, steps
 
 
-def slow_steps(per_step: list) -> list[dict]:
-    """The decode steps slower than 1.5x the median (retrievals, new frames), printed and
-    returned with their parts (ms, parts under 0.5 ms left out)."""
-    median = statistics.median(ms for ms, _ in per_step)
+def slow_steps(per_step: list, median: float) -> list[dict]:
+    """The decode steps slower than 1.5x the ``median`` step (retrievals, new frames),
+    printed and returned with their parts (ms, parts under 0.5 ms left out)."""
     slow = [{"step": i, "ms": round(ms, 1), "parts_ms": {k: round(v, 1) for k, v in parts.items() if v >= 0.5}}
             for i, (ms, parts) in enumerate(per_step) if ms > 1.5 * median]
     common.log(f"median step {median:.2f} ms; {len(slow)} of {len(per_step)} steps slower than 1.5x:")
@@ -165,10 +165,11 @@ def main() -> int:
         per_step = []
         spent, steps = decode_steps(llm, prompt_ids, args.decode, args.requests, per_step)
         parts = {k: v / steps * 1e3 for k, v in SPENT.items()} if backend == "episodic" else {}
+        median = statistics.median(ms for ms, _ in per_step)
         report[backend] = {"step_ms": spent / steps * 1e3, "steps": steps, "parts_ms": parts,
-                           "median_step_ms": statistics.median(ms for ms, _ in per_step)}
+                           "median_step_ms": median}
         if args.slow_steps and backend == "episodic":
-            report[backend]["slow_steps"] = slow_steps(per_step)
+            report[backend]["slow_steps"] = slow_steps(per_step, median)
         common.log(f"{backend}: {spent / steps * 1e3:.2f} ms per decode step over {steps} steps; {parts}")
         del llm
 

@@ -293,7 +293,7 @@ class RequestMemory:
 
     # ---- per step -------------------------------------------------------------------
 
-    def refreshes(self, num_scheduled: int, rewrite: bool = False) -> bool:
+    def refreshes(self, num_scheduled: int, rewrite: bool) -> bool:
         """Whether this step retrieves: every prefill chunk, every ``retrieval_interval``-th
         decode step (the first one included), counted from the last one that moved the
         frame (``rewrite``). A new frame invalidates every layer's kept selection; as a
