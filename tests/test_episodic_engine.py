@@ -264,3 +264,36 @@ def test_aborted_long_request_frees_its_memory(episodic):
     engine.abort_request(["gone"])
     flush_finished(episodic)
     assert runtime.memory.requests == {} and runtime.stats.get("host_bytes") == 0
+
+
+def test_prompt_end_attends_all_of_memory_as_stock_does(episodic, make_llm, monkeypatch):
+    """``full_memory_at_prompt_end``: a ~1,400-token prompt in 512-token chunks reads its
+    first two chunks with plain attention (memory still in its own blocks) and its last
+    one over an assembled table whose budget holds a fraction of memory; with the knob
+    that chunk attends all of memory in torch, and every prompt token's logprob is
+    stock vLLM's (full attention)."""
+    from vllm import SamplingParams
+
+    flush_finished(episodic)
+    memory = runtime_of(episodic).memory
+    plan_step, marked = memory.plan_step, []
+    monkeypatch.setattr(memory, "plan_step", lambda rows, *a: [
+        plan for plan in plan_step(rows, *a) if not plan.all_memory or not marked.append(plan.mode)])
+    prompt = _prompt(1200, seed=31)
+    params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
+
+    def prompt_logprobs(llm):
+        out = llm.generate([prompt], params, use_tqdm=False)[0]
+        flush_finished(llm)
+        return torch.tensor([next(iter(lp.values())).logprob for lp in out.prompt_logprobs[1:]]), len(
+            out.prompt_token_ids)
+
+    stock, length = prompt_logprobs(make_llm(dtype="float32"))
+    last = slice(1024 - 1, length - 1)  # logprobs of tokens [1024, length): the last chunk's
+    without, _ = prompt_logprobs(episodic)
+    monkeypatch.setattr(memory, "settings", memory.settings.model_copy(update={"full_memory_at_prompt_end": True}))
+    with_all, _ = prompt_logprobs(episodic)
+    assert 1024 + 256 < length <= 3 * 512 and marked == ["assembled"]
+    torch.testing.assert_close(without[: last.start], stock[: last.start], atol=2e-3, rtol=1e-3)
+    assert (without[last] - stock[last]).abs().max() > 0.05
+    torch.testing.assert_close(with_all, stock, atol=2e-3, rtol=1e-3)

@@ -29,7 +29,7 @@ def settings(**overrides):
         max_event_tokens=16, segmentation="surprise", surprise_gamma=0.5, surprise_window=32,
         contiguity_share=0.3, prefill_query_tokens=0, refinement=False, refinement_metric="modularity",
         representatives_per_event=2, representatives_dtype="float32", device_event_cache_tokens=8192,
-        positions="exact", host_memory_gib=16.0, host_memory_policy="evict",
+        positions="exact", host_memory_gib=16.0, host_memory_policy="evict", full_memory_at_prompt_end=False,
     )
     values.update(overrides)
     return SimpleNamespace(**values)
@@ -63,21 +63,22 @@ class Sequence:
 BLOCK = 16
 
 
-def run(seq, config, chunks, trained_len=4096):
-    """Feed the request in chunks (reference mode); return every layer's attention output."""
+def run(seq, config, chunks, trained_len=4096, prompt=0):
+    """Feed the request in chunks (reference mode; the first ``prompt`` tokens are its
+    prompt); return every layer's attention output."""
     shape = ModelShape(LAYERS, HEADS, KV_HEADS, DIM, torch.float32, trained_len, BLOCK)
     memory = EpisodicMemory(config, shape, seq.rope, Stats(), reference=True)
     total = sum(chunks)
     outputs = [torch.zeros(total, HEADS, DIM) for _ in range(LAYERS)]
     done = 0
     for n in chunks:
-        (plan,) = memory.plan_step([BatchRow("r", done, n, capacity=total)])
+        (plan,) = memory.plan_step([BatchRow("r", done, n, capacity=total, prompt_tokens=prompt)])
         plan.memory.record_surprise(0, seq.surprise[: done + n])
         for layer in range(LAYERS):
             q = seq.q[layer][done : done + n]
             if plan.mode == "reference":
-                selection = plan.memory.select(layer, plan, q)
-                assert int(selection.tokens.sum()) == plan.memory_tokens
+                selection = plan.memory.attended_in_torch(layer, plan, q)
+                assert plan.all_memory or int(selection.tokens.sum()) == plan.memory_tokens
                 out = plan.memory.reference_attention(
                     layer, plan, q, selection, *seq.read_layer(layer, plan.local_start, done + n),
                     SCALE, seq.rope)
@@ -118,6 +119,28 @@ def test_exact_positions_with_every_event_retrieved_equal_full_attention(chunks,
     assert request.store.num_events >= 4  # memory was really used
     for layer in range(LAYERS):
         torch.testing.assert_close(outputs[layer], full_attention(seq, layer), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("positions", ["exact", "bounded"])
+def test_the_chunk_that_ends_the_prompt_attends_all_of_memory(positions):
+    """With ``full_memory_at_prompt_end`` the prompt's last chunk is full attention in
+    the exact frame (the budget holds a fraction of memory); every other step, and
+    every step in the bounded frame, attends as without it."""
+    chunks, prompt = [100, 100, 100, 60, 1, 1, 1], 360
+    seq = Sequence(sum(chunks))
+    budget = settings(retrieval_budget_tokens=64, positions=positions)
+    with_all, memory = run(seq, settings(**{**vars(budget), "full_memory_at_prompt_end": True}), chunks, prompt=prompt)
+    without, _ = run(seq, budget, chunks, prompt=prompt)
+    assert memory.requests["r"].store.num_events >= 10
+    last, rest = slice(300, prompt), torch.cat((torch.arange(300), torch.arange(prompt, sum(chunks))))
+    for layer in range(LAYERS):
+        full = full_attention(seq, layer)
+        assert not torch.allclose(without[layer][last], full[last], atol=1e-3)
+        if positions == "exact":
+            torch.testing.assert_close(with_all[layer][last], full[last], atol=2e-5, rtol=1e-4)
+        else:
+            torch.testing.assert_close(with_all[layer][last], without[layer][last])
+        torch.testing.assert_close(with_all[layer][rest], without[layer][rest])
 
 
 def test_events_partition_the_tokens_that_left_the_window():

@@ -112,6 +112,13 @@ class EpisodicConfig(BaseModel):
     """``exact``: true positions; ``bounded``: memory at a fixed distance (InfLLM);
     ``auto``: exact while the context fits the model's trained length."""
 
+    full_memory_at_prompt_end: bool = False
+    """The prefill chunk that ends the prompt (where a question usually sits) attends every
+    memory token, not only the retrieved ones, when positions are exact: it is attended in
+    torch over the host store, once per request (the first token waits for ~chunk × context
+    more attention; decode is unchanged). Ignored in the bounded frame, whose memory must
+    stay within the budget to keep distances trained."""
+
     @model_validator(mode="after")
     def _check_consistent(self) -> EpisodicConfig:
         if self.min_event_tokens > self.max_event_tokens:

@@ -95,6 +95,7 @@ class Settings(Protocol):
     positions: str
     host_memory_gib: float
     host_memory_policy: str
+    full_memory_at_prompt_end: bool
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,8 @@ class BatchRow:
     """tokens computed in this step"""
     capacity: int = 0
     """the request's largest possible length (prompt + max new tokens)"""
+    prompt_tokens: int = 0
+    """the request's prompt length (0: unknown)"""
 
 
 @dataclass
@@ -180,6 +183,9 @@ class RowPlan:
     """when all of memory fits the budget: every event (and its available tokens)"""
     refresh: bool = True
     """retrieve in this step (else layers keep their last selection when still valid)"""
+    all_memory: bool = False
+    """the step's chunk ends the prompt and attends every memory token, in torch after the
+    op (``full_memory_at_prompt_end``; exact frame)"""
     selected_ahead: bool = False
     """every layer's selection was made (and its slots filled) before the layers ran: in
     this step, or in the decode step that last retrieved (the steps up to the next
@@ -391,6 +397,27 @@ class RequestMemory:
             self.store.set_reps(part, ids, representatives(
                 obs[part], keys_rotated[part], keys[part], lengths, self.settings.representatives_per_event
             ))
+
+    def available_tokens(self, local_start: int) -> torch.Tensor:
+        """``(events,)`` tokens of each stored event that memory may attend when the
+        local part starts at ``local_start`` (0 for evicted events)."""
+        store = self.store
+        count = store.num_events
+        available = (store.ends[:count].clamp(max=local_start) - store.starts[:count]).clamp(min=0)
+        return available.masked_fill(~store.alive[:count], 0)
+
+    def all_of_memory(self, plan: RowPlan) -> Selection:
+        """Every event before the row's local part, whole (one row): full attention over
+        memory, the exact frame's answer to a chunk that must see all of it."""
+        return _whole(self.available_tokens(plan.local_start))
+
+    def attended_in_torch(self, layer: int, plan: RowPlan, query: torch.Tensor) -> Selection:
+        """What the torch path attends for a row (one row): every memory token when the
+        chunk ends the prompt (:attr:`RowPlan.all_memory`), else the layer's selection.
+        A reference row selects in any case, as the op path does before filling slots,
+        so that retrieval state (contiguity queues, kept selections) stays the same."""
+        selection = self.select(layer, plan, query) if plan.mode == "reference" else None
+        return self.all_of_memory(plan) if plan.all_memory else selection
 
     def select(self, layer: int, plan: RowPlan, query: torch.Tensor) -> Selection:
         """Events (and how many of their first tokens) this layer attends: exactly
@@ -639,6 +666,12 @@ def select_ahead(plans: list[RowPlan]) -> list[Selection]:
     return selections
 
 
+def _whole(available: torch.Tensor) -> Selection:
+    """One row selecting every event with available tokens ``(events,)``, all of them."""
+    events = available.nonzero().flatten()
+    return Selection(events[None], available[events][None])
+
+
 def _rotated(store: HostStore, layer: int | torch.Tensor, positions: torch.Tensor, target: torch.Tensor,
              rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
     """Stored tokens at ``positions`` (of ``layer``, or of each token's layer) with keys
@@ -715,6 +748,9 @@ class EpisodicMemory:
                 # for it (and the slots hold that): the layers skip selection entirely
                 plan.selected_ahead = (not plan.refresh and plan.everything is None
                                        and memory.ahead_key == plan.selection_key)
+            # a chunk whose attended memory is already all of memory needs nothing more
+            plan.all_memory = (s.full_memory_at_prompt_end and mode != "natural" and plan.frame == "exact"
+                               and row.num_computed < row.prompt_tokens <= end and plan.everything is None)
             plans.append(plan)
             first_query += row.num_scheduled
         self._begin_recording(plans)
@@ -754,13 +790,9 @@ class EpisodicMemory:
 
     def _plan_retrieval(self, plan: RowPlan) -> None:
         """What every layer's retrieval shares in this step."""
-        store = plan.memory.store
-        count = store.num_events
-        available = (store.ends[:count].clamp(max=plan.local_start) - store.starts[:count]).clamp(min=0)
-        plan.available = available.masked_fill(~store.alive[:count], 0)
+        plan.available = plan.memory.available_tokens(plan.local_start)
         if int(plan.available.sum()) <= plan.memory_tokens:
-            events = plan.available.nonzero().flatten()
-            plan.everything = Selection(events[None], plan.available[events][None])
+            plan.everything = _whole(plan.available)
         else:
             scoring = plan.query_positions[-self.settings.prefill_query_tokens:]
             plan.score_angles = self.rope.angles(self.settings.window_tokens - scoring)

@@ -12,7 +12,8 @@ Every row of a batch goes through the stock op, in one call per layer:
   call) and their local blocks: one softmax over sinks + events + local window.
 
 ``reference`` rows (a debug toggle, or bounded positions before the event cache is
-free) are recomputed in torch after the op.
+free) are recomputed in torch after the op, and so is the chunk that ends a prompt
+when it attends all of memory (``full_memory_at_prompt_end``).
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ class EpisodicCPUMetadata:
     retrieving: list[RowPlan]
     """assembled rows whose layers retrieve for themselves (not selected ahead)"""
     reference: list[RowPlan]
-    """rows attended in torch after the op"""
+    """rows attended in torch after the op (reference rows, and chunks that end the
+    prompt attending all of memory)"""
 
 
 class EpisodicCPUMetadataBuilder(CPUAttentionMetadataBuilder):
@@ -74,7 +76,7 @@ class EpisodicCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             plans=plans,
             runtime=runtime,
             retrieving=[p for p in plans or () if p.mode == "assembled" and not p.selected_ahead],
-            reference=[p for p in plans or () if p.mode == "reference"],
+            reference=[p for p in plans or () if p.mode == "reference" or p.all_memory],
         )
 
 
@@ -123,7 +125,7 @@ class EpisodicCPUImpl(CPUAttentionBackendImpl):
         for plan in meta.reference:
             rows = plan.query_rows
             memory = plan.memory
-            selection = memory.select(layer_index, plan, q[rows])
+            selection = memory.attended_in_torch(layer_index, plan, q[rows])
             local_k, local_v = (t[0] for t in runtime.read_tokens(
                 plan, torch.tensor([layer_index]), plan.local_start, plan.end))
             out[rows] = memory.reference_attention(

@@ -163,7 +163,7 @@ class WorkerRuntime:
         query_lens = (qsl[1:] - qsl[:-1]).tolist()
         seq_lens = common_attn_metadata.seq_lens[:num_reqs].cpu().tolist()
         rows = [
-            BatchRow(req_id, seq_len - q, q, self._capacity(req_id, seq_len))
+            BatchRow(req_id, seq_len - q, q, self._capacity(req_id, seq_len), self._prompt_tokens(req_id))
             for req_id, seq_len, q in zip(req_ids, seq_lens, query_lens)
         ]
         self.plans = self.memory.plan_step(rows, common_attn_metadata.block_table_tensor[:num_reqs])
@@ -180,6 +180,10 @@ class WorkerRuntime:
             return self.max_model_len
         max_tokens = state.sampling_params.max_tokens or self.max_model_len
         return max(seq_len, min(self.max_model_len, state.num_prompt_tokens + max_tokens))
+
+    def _prompt_tokens(self, req_id: str) -> int:
+        state = self.runner.requests.get(req_id)
+        return 0 if state is None else state.num_prompt_tokens
 
     def read_tokens(self, plan: RowPlan, layers: torch.Tensor, start: int, end: int):
         """K/V ``[len(layers), end - start, num_kv_heads, head_size]`` of tokens
