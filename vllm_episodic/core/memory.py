@@ -748,7 +748,8 @@ class EpisodicMemory:
                 # for it (and the slots hold that): the layers skip selection entirely
                 plan.selected_ahead = (not plan.refresh and plan.everything is None
                                        and memory.ahead_key == plan.selection_key)
-            # a chunk whose attended memory is already all of memory needs nothing more
+            # the chunk that ends the prompt sees all of memory (exact frame), unless its
+            # budget already holds all of it
             plan.all_memory = (s.full_memory_at_prompt_end and mode != "natural" and plan.frame == "exact"
                                and row.num_computed < row.prompt_tokens <= end and plan.everything is None)
             plans.append(plan)
