@@ -128,9 +128,9 @@ def test_the_chunk_that_ends_the_prompt_attends_all_of_memory(positions):
     every step in the bounded frame, attends as without it."""
     chunks, prompt = [100, 100, 100, 60, 1, 1, 1], 360
     seq = Sequence(sum(chunks))
-    budget = settings(retrieval_budget_tokens=64, positions=positions)
-    with_all, memory = run(seq, settings(**{**vars(budget), "full_memory_at_prompt_end": True}), chunks, prompt=prompt)
-    without, _ = run(seq, budget, chunks, prompt=prompt)
+    with_all, memory = run(seq, settings(retrieval_budget_tokens=64, positions=positions, full_memory_at_prompt_end=True),
+                           chunks, prompt=prompt)
+    without, _ = run(seq, settings(retrieval_budget_tokens=64, positions=positions), chunks, prompt=prompt)
     assert memory.requests["r"].store.num_events >= 10
     last, rest = slice(300, prompt), torch.cat((torch.arange(300), torch.arange(prompt, sum(chunks))))
     for layer in range(LAYERS):

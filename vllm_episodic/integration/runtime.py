@@ -162,10 +162,7 @@ class WorkerRuntime:
         qsl = common_attn_metadata.query_start_loc_cpu[: num_reqs + 1]
         query_lens = (qsl[1:] - qsl[:-1]).tolist()
         seq_lens = common_attn_metadata.seq_lens[:num_reqs].cpu().tolist()
-        rows = [
-            BatchRow(req_id, seq_len - q, q, self._capacity(req_id, seq_len), self._prompt_tokens(req_id))
-            for req_id, seq_len, q in zip(req_ids, seq_lens, query_lens)
-        ]
+        rows = [self._row(req_id, seq_len, q) for req_id, seq_len, q in zip(req_ids, seq_lens, query_lens)]
         self.plans = self.memory.plan_step(rows, common_attn_metadata.block_table_tensor[:num_reqs])
         ahead = [plan for plan in self.plans if plan.memory.can_select_ahead(plan)]
         if ahead:
@@ -173,17 +170,17 @@ class WorkerRuntime:
         self.publish()
         return self.plans
 
-    def _capacity(self, req_id: str, seq_len: int) -> int:
-        """The request's largest possible length: prompt + max new tokens."""
+    def _row(self, req_id: str, seq_len: int, num_scheduled: int) -> BatchRow:
+        """A batch row from the runner's request state: its capacity (prompt + max new
+        tokens) and prompt length (unknown to a request the runner no longer holds)."""
         state = self.runner.requests.get(req_id)
-        if state is None or state.sampling_params is None:
-            return self.max_model_len
-        max_tokens = state.sampling_params.max_tokens or self.max_model_len
-        return max(seq_len, min(self.max_model_len, state.num_prompt_tokens + max_tokens))
-
-    def _prompt_tokens(self, req_id: str) -> int:
-        state = self.runner.requests.get(req_id)
-        return 0 if state is None else state.num_prompt_tokens
+        capacity, prompt = self.max_model_len, 0
+        if state is not None:
+            prompt = state.num_prompt_tokens
+            if state.sampling_params is not None:
+                max_tokens = state.sampling_params.max_tokens or self.max_model_len
+                capacity = max(seq_len, min(self.max_model_len, prompt + max_tokens))
+        return BatchRow(req_id, seq_len - num_scheduled, num_scheduled, capacity, prompt)
 
     def read_tokens(self, plan: RowPlan, layers: torch.Tensor, start: int, end: int):
         """K/V ``[len(layers), end - start, num_kv_heads, head_size]`` of tokens
