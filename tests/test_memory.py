@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from vllm_episodic.core.attention import attention_with_lse
+from vllm_episodic.core.attention import attention
 from vllm_episodic.core.memory import (
     OBSERVATION_QUERIES, BatchRow, EpisodicMemory, ModelShape, select_ahead, select_layer,
 )
@@ -84,8 +84,8 @@ def run(seq, config, chunks, trained_len=4096, prompt=0):
                     SCALE, seq.rope)
             else:
                 assert plan.mode == "natural"
-                out, _ = attention_with_lse(q, *seq.read_layer(layer, 0, done + n), SCALE,
-                                            torch.arange(done, done + n), torch.arange(done + n))
+                out = attention(q, *seq.read_layer(layer, 0, done + n), SCALE,
+                                torch.arange(done, done + n), torch.arange(done + n))
             outputs[layer][done : done + n] = out
             memory.record_queries(layer, q)
         memory.end_step([plan], seq.read)
@@ -106,8 +106,7 @@ def as_selection(*rows: dict[int, int]) -> Selection:
 
 def full_attention(seq, layer):
     n = seq.q[layer].shape[0]
-    out, _ = attention_with_lse(seq.q[layer], seq.k[layer], seq.v[layer], SCALE, torch.arange(n), torch.arange(n))
-    return out
+    return attention(seq.q[layer], seq.k[layer], seq.v[layer], SCALE, torch.arange(n), torch.arange(n))
 
 
 @pytest.mark.parametrize("chunks", [[300], [100, 1, 1, 50, 1, 1], [37] * 8 + [1] * 5], ids=["one", "mixed", "small"])
@@ -177,7 +176,7 @@ def test_bounded_positions_put_memory_at_an_anchor_window_tokens_back():
     mem_k = seq.rope.rotate(unrotated[16:], target)
     keys = torch.cat((sink_k, mem_k, seq.k[layer][local : t + 1]))
     values = seq.v[layer][: t + 1]
-    expected, _ = attention_with_lse(seq.q[layer][t : t + 1], keys, values, SCALE)
+    expected = attention(seq.q[layer][t : t + 1], keys, values, SCALE)
     torch.testing.assert_close(outputs[layer][t : t + 1], expected, atol=2e-5, rtol=1e-4)
 
 

@@ -52,7 +52,7 @@ from typing import Protocol
 
 import torch
 
-from vllm_episodic.core.attention import attention_with_lse, merge_partials
+from vllm_episodic.core.attention import attention
 from vllm_episodic.core.event_cache import SlotTable
 from vllm_episodic.core.refinement import key_similarity, refine_boundaries
 from vllm_episodic.core.representatives import representatives
@@ -586,16 +586,16 @@ class RequestMemory:
         Returns:
             ``[q, num_heads, head_size]`` float32.
         """
-        sink_k, sink_v = self.sink_keys(torch.tensor([layer]), plan.frame, plan.anchor, rope)
+        parts = [self.sink_keys(torch.tensor([layer]), plan.frame, plan.anchor, rope)]
         if selection.num_events:
             codes = self.token_codes(selection, plan.frame)[0]
-            mem_k, mem_v = self.code_keys(layer, codes, plan.frame, plan.anchor, rope)
-            sink_k, sink_v = torch.cat((sink_k, mem_k)), torch.cat((sink_v, mem_v))
-        out_g, lse_g = attention_with_lse(query, sink_k, sink_v, scale)
-        out_l, lse_l = attention_with_lse(
-            query, local_keys, local_values, scale, plan.query_positions, torch.arange(plan.local_start, plan.end)
-        )
-        return merge_partials(out_l, lse_l, out_g, lse_g)
+            parts.append(self.code_keys(layer, codes, plan.frame, plan.anchor, rope))
+        parts.append((local_keys, local_values))
+        keys, values = (torch.cat([t.float() for t in kind]) for kind in zip(*parts))
+        # only the local part is causal: sinks and memory precede every query
+        before = keys.shape[0] - local_keys.shape[0]
+        positions = torch.cat((torch.full((before,), plan.local_start - 1), torch.arange(plan.local_start, plan.end)))
+        return attention(query, keys, values, scale, plan.query_positions, positions)
 
 
 def retrieve_rows(parts: list[tuple[RequestMemory, torch.Tensor, RowPlan, torch.Tensor]]) -> list[Selection]:
