@@ -10,7 +10,9 @@ selected, and the share of the layer's score mass it got; then the answer.
     python benchmarks/trace_retrieval.py --model smollm2-135m --length 8192 --depth 0.5 \\
         --episodic '{"preset": "smollm2"}' --out benchmarks/results/trace.json
 
-Diagnosis only: it patches two library functions in this process to record.
+Diagnosis only: it patches library functions in this process to record (and, with
+``--oracle``, to rank the needle's events first: does the model answer once retrieval
+finds them?). ``--dump`` saves the request's memory for offline scoring experiments.
 """
 
 from __future__ import annotations
@@ -61,7 +63,6 @@ def main() -> int:
     parser.add_argument("--episodic", default='{"preset": "smollm2"}')
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    parser.add_argument("--scoring", default=None, help="prototype scorer (head_softmax, head_max)")
     parser.add_argument("--oracle", action="store_true",
                         help="rank the needle's events first in every retrieval (what if retrieval found it?)")
     parser.add_argument("--oracle-steps", default="all", choices=["all", "prefill", "decode"],
@@ -144,21 +145,6 @@ def main() -> int:
         return original_release(self, req_ids)
 
     memory_module.retrieve_rows = recording_retrieve
-    if args.scoring:
-        def prototype(query, reps, available):
-            # query [layers, H, D], reps [layers, events, H, D]
-            logits = torch.einsum("lhd,lehd->lhe", query.float(), reps.float()) / query.shape[-1] ** 0.5
-            logits = logits.masked_fill(available == 0, float("-inf"))
-            if args.scoring == "head_mass":
-                score = (logits + available.float().clamp(min=1).log()).softmax(-1).sum(1)
-            elif args.scoring == "head_softmax":
-                score = logits.softmax(-1).sum(1)
-            elif args.scoring == "head_max":
-                score = logits.softmax(-1).amax(1)
-            else:
-                raise SystemExit(f"unknown --scoring {args.scoring}")
-            return score.masked_fill(available == 0, float("-inf"))
-        memory_module.score_layer_events = prototype
     memory_module.EpisodicMemory.release = recording_release
     memory_module.RequestMemory.score_ahead = recording_ahead
 

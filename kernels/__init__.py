@@ -18,11 +18,13 @@ from vllm_episodic.kernels.block_attention import block_attention_reference
 from vllm_episodic.kernels.gather import gather_rotate_reference
 from vllm_episodic.kernels.prefetch import Prefetcher
 from vllm_episodic.kernels.score import (
+    event_mass_reference,
     rank_within_budget,
     ranking_key,
     score_events_reference,
     score_layer_events_reference,
     select_within_budget,
+    token_mass_reference,
 )
 
 try:
@@ -32,8 +34,8 @@ try:
 except ImportError:
     HAS_TRITON = False
 
-__all__ = ["Prefetcher", "block_attention", "gather_rotate", "rank_within_budget", "ranking_key", "score_events",
-           "score_layer_events", "select_within_budget", "uses_triton"]
+__all__ = ["Prefetcher", "block_attention", "event_mass", "gather_rotate", "rank_within_budget", "ranking_key", "score_events",
+           "score_layer_events", "select_within_budget", "token_mass", "uses_triton"]
 
 
 def uses_triton(tensor: torch.Tensor) -> bool:
@@ -62,6 +64,19 @@ def score_layer_events(query, reps, available) -> torch.Tensor:
                                    available.repeat(layers))
         return flat.view(layers, events)
     return score_layer_events_reference(query, reps, available)
+
+
+def event_mass(queries, reps, available) -> torch.Tensor:
+    """Scores ``[layers, events]`` as estimated attention shares: see
+    :func:`.score.event_mass_reference`. Torch ops on every device (one GEMM and a
+    softmax per layer; no Triton kernel of its own)."""
+    return event_mass_reference(queries, reps, available)
+
+
+def token_mass(queries, keys, owner, events: int) -> torch.Tensor:
+    """Scores ``(events,)`` from every memory token's key: see
+    :func:`.score.token_mass_reference` (torch ops on every device)."""
+    return token_mass_reference(queries, keys, owner, events)
 
 
 def gather_rotate(src_k, src_v, src_index, dst_k, dst_v, dst_slot, cos_sin, position, is_neox_style: bool) -> None:

@@ -86,6 +86,94 @@ def score_layer_events_reference(query: torch.Tensor, reps: torch.Tensor, availa
     return (scores.float() * scale[:, None]).masked_fill(available == 0, float("-inf"))
 
 
+
+def event_mass_reference(queries: torch.Tensor, reps: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
+    """Each event's estimated share of attention: per head its largest over the queries,
+    summed over heads.
+
+    Per layer, query head and query, the event's logit is its representative's
+    (``q · rep / sqrt(head_size)``) plus ``log(available tokens)`` — as if every token
+    of the event scored like its representative — and a softmax over the layer's events
+    turns logits into shares. Unlike the plain sum of dot products over heads
+    (:func:`score_layer_events_reference`), a head that singles out one event gives it
+    a share near 1 whatever the size of other heads' logits: the heads that retrieve
+    (a few per layer) are not drowned by the many that attend broadly.
+
+    Args:
+        queries: ``[layers, m, num_heads, head_size]`` scoring queries (rotated as the
+            representatives are scored: ``window`` tokens after memory).
+        reps: ``[layers, events, num_heads, head_size]`` each layer's representatives.
+        available: ``(events,)`` attendable tokens of each event (0 → ``-inf``).
+
+    Returns:
+        ``[layers, events]`` float32 scores in [0, num_heads].
+    """
+    layers, m, heads, size = queries.shape
+    events = reps.shape[1]
+    q = queries.float()
+    # unit queries in the representatives' dtype (float16 cannot hold large products;
+    # see _query_for), their lengths put back in float32
+    norm = torch.linalg.vector_norm(q, dim=-1).clamp(min=1e-30)  # [L, m, H]
+    unit = (q / norm[..., None]).to(reps.dtype)
+    # one GEMM per layer reads every representative once for all heads and queries:
+    # [events, H*D] @ block-diagonal [H*D, H*m] (column (h, j) holds query j of head h)
+    diagonal = unit.new_zeros(layers, heads, size, heads, m)
+    head = torch.arange(heads, device=q.device)
+    diagonal[:, head, :, head, :] = unit.permute(2, 0, 3, 1)
+    flat = reps.reshape(layers, events, heads * size)
+    diagonal = diagonal.view(layers, heads * size, heads * m)
+    if reps.dtype == torch.bfloat16:
+        # see score_layer_events_reference: a strided bfloat16 bmm takes a slow path
+        logits = torch.stack([flat[i] @ diagonal[i] for i in range(layers)])
+    else:
+        logits = torch.bmm(flat, diagonal)
+    scale = norm.permute(0, 2, 1)[:, None] / size**0.5  # [L, 1, H, m]
+    logits = logits.float().view(layers, events, heads, m) * scale
+    logits = logits + available.float().clamp(min=1).log()[None, :, None, None]
+    logits = logits.masked_fill((available == 0)[None, :, None, None], float("-inf"))
+    share = torch.nan_to_num(logits.softmax(1), nan=0.0)  # over events; nan: nothing available
+    # each head's largest share from any of the queries: an event one query needs is
+    # not averaged away by the others (a decode step's queries since the last retrieval
+    # read different things; the mean lost needles that the max keeps)
+    return share.amax(3).sum(2).masked_fill(available == 0, float("-inf"))
+
+
+
+def token_mass_reference(queries: torch.Tensor, keys: torch.Tensor, owner: torch.Tensor, events: int,
+                         group: int = 16) -> torch.Tensor:
+    """Each event's share of attention computed from every one of its tokens' keys.
+
+    Per query head and query, a softmax over all memory tokens (``q · k /
+    sqrt(head_size)``); an event's share is the sum over its tokens; per head the largest
+    share over the queries, summed over heads. What :func:`event_mass_reference`
+    estimates from one representative per event, exactly — at the cost of reading every
+    memory key (used once per request, for the queries that end the prompt).
+
+    Args:
+        queries: ``[m, num_heads, head_size]`` scoring queries (rotated as keys are read:
+            here un-rotated keys and queries ``window`` tokens after them).
+        keys: ``[tokens, num_kv_heads, head_size]`` the memory tokens' keys.
+        owner: ``(tokens,)`` int64 event of each token.
+        events: how many events (the length of the result).
+        group: queries per softmax pass (bounds the ``[heads, group, tokens]`` scratch).
+
+    Returns:
+        ``(events,)`` float32.
+    """
+    m, heads, size = queries.shape
+    kv_heads = keys.shape[1]
+    k = keys.float().permute(1, 2, 0)  # [kv_heads, D, tokens]
+    best = torch.zeros(heads, events)
+    for first in range(0, m, group):
+        q = queries[first : first + group].float()  # [g, H, D]
+        q = q.permute(1, 0, 2).reshape(kv_heads, -1, size)  # [kv, (H/kv) * g, D], head-major
+        shares = (torch.bmm(q, k) / size**0.5).softmax(-1)  # [kv, (H/kv) * g, tokens]
+        shares = shares.reshape(heads, -1, keys.shape[0])
+        per_event = shares.new_zeros(heads, shares.shape[1], events).index_add_(2, owner, shares)
+        best = torch.maximum(best, per_event.amax(1))
+    return best.sum(0)
+
+
 if triton is not None:
 
     @triton.jit

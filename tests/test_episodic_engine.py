@@ -21,7 +21,7 @@ pytestmark = pytest.mark.engine
 SMALL = {
     "sink_tokens": 64, "window_tokens": 256, "retrieval_budget_tokens": 256,
     "min_event_tokens": 8, "max_event_tokens": 64, "device_event_cache_tokens": 512,
-    "representatives_dtype": "float32",
+    "representatives_dtype": "float32", "full_memory_at_prompt_end": False,
 }
 
 
@@ -270,8 +270,10 @@ def test_prompt_end_attends_all_of_memory_as_stock_does(episodic, make_llm, monk
     """``full_memory_at_prompt_end``: a ~1,400-token prompt in 512-token chunks reads its
     first two chunks with plain attention (memory still in its own blocks) and its last
     one over an assembled table whose budget holds a fraction of memory; with the knob
-    that chunk attends all of memory in torch, and every prompt token's logprob is
-    stock vLLM's (full attention)."""
+    and ``prompt_end_queries`` 0 that chunk attends all of memory in torch, and every
+    prompt token's logprob is stock vLLM's (full attention). With 128 only the prompt's
+    last 128 tokens do, and come closer to stock (not exactly: the chunk's tokens before
+    them, their local part, were read with retrieval)."""
     from vllm import SamplingParams
 
     flush_finished(episodic)
@@ -291,9 +293,15 @@ def test_prompt_end_attends_all_of_memory_as_stock_does(episodic, make_llm, monk
     stock, length = prompt_logprobs(make_llm(dtype="float32"))
     last = slice(1024 - 1, length - 1)  # logprobs of tokens [1024, length): the last chunk's
     without, _ = prompt_logprobs(episodic)
-    monkeypatch.setattr(memory, "settings", memory.settings.model_copy(update={"full_memory_at_prompt_end": True}))
+    knob = {"full_memory_at_prompt_end": True, "prompt_end_queries": 0}
+    monkeypatch.setattr(memory, "settings", memory.settings.model_copy(update=knob))
     with_all, _ = prompt_logprobs(episodic)
-    assert 1024 + 256 < length <= 3 * 512 and marked == ["assembled"]
+    monkeypatch.setattr(memory, "settings", memory.settings.model_copy(update={"prompt_end_queries": 128}))
+    with_end, _ = prompt_logprobs(episodic)
+    assert 1024 + 256 < length <= 3 * 512 and marked == ["assembled"] * 2
     torch.testing.assert_close(without[: last.start], stock[: last.start], atol=2e-3, rtol=1e-3)
     assert (without[last] - stock[last]).abs().max() > 0.05
     torch.testing.assert_close(with_all, stock, atol=2e-3, rtol=1e-3)
+    # logprob i is read at position i: positions >= length - 128 are the prompt's last 128
+    end = slice(length - 128, None)
+    assert (with_end[end] - stock[end]).abs().mean() < 0.5 * (without[end] - stock[end]).abs().mean()

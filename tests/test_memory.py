@@ -27,9 +27,11 @@ def settings(**overrides):
     values = dict(
         sink_tokens=8, window_tokens=64, retrieval_budget_tokens=4096, retrieval_interval=1, min_event_tokens=4,
         max_event_tokens=16, segmentation="surprise", surprise_gamma=0.5, surprise_window=32,
-        contiguity_share=0.3, prefill_query_tokens=0, refinement=False, refinement_metric="modularity",
+        contiguity_share=0.3, retrieval_scoring="mass", prefill_query_tokens=0, refinement=False,
+        refinement_metric="modularity",
         representatives_per_event=2, representatives_dtype="float32", device_event_cache_tokens=8192,
         positions="exact", host_memory_gib=16.0, host_memory_policy="evict", full_memory_at_prompt_end=False,
+        prompt_end_queries=0,
     )
     values.update(overrides)
     return SimpleNamespace(**values)
@@ -120,26 +122,72 @@ def test_exact_positions_with_every_event_retrieved_equal_full_attention(chunks,
         torch.testing.assert_close(outputs[layer], full_attention(seq, layer), atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("positions", ["exact", "bounded"])
+@pytest.mark.parametrize("positions", ["exact"])
 def test_the_chunk_that_ends_the_prompt_attends_all_of_memory(positions):
     """With ``full_memory_at_prompt_end`` the prompt's last chunk is full attention in
-    the exact frame (the budget holds a fraction of memory); every other step, and
-    every step in the bounded frame, attends as without it."""
+    the exact frame (the budget holds a fraction of memory); the chunks before it attend
+    as without it (the decode steps after it add the question's scores to theirs)."""
     chunks, prompt = [100, 100, 100, 60, 1, 1, 1], 360
     seq = Sequence(sum(chunks))
     with_all, memory = run(seq, settings(retrieval_budget_tokens=64, positions=positions, full_memory_at_prompt_end=True),
                            chunks, prompt=prompt)
     without, _ = run(seq, settings(retrieval_budget_tokens=64, positions=positions), chunks, prompt=prompt)
     assert memory.requests["r"].store.num_events >= 10
-    last, rest = slice(300, prompt), torch.cat((torch.arange(300), torch.arange(prompt, sum(chunks))))
+    last, rest = slice(300, prompt), torch.arange(300)
     for layer in range(LAYERS):
         full = full_attention(seq, layer)
         assert not torch.allclose(without[layer][last], full[last], atol=1e-3)
-        if positions == "exact":
-            torch.testing.assert_close(with_all[layer][last], full[last], atol=2e-5, rtol=1e-4)
-        else:
-            torch.testing.assert_close(with_all[layer][last], without[layer][last])
+        torch.testing.assert_close(with_all[layer][last], full[last], atol=2e-5, rtol=1e-4)
         torch.testing.assert_close(with_all[layer][rest], without[layer][rest])
+
+
+def test_the_prompts_end_scores_every_memory_tokens_key_and_decode_keeps_those_scores():
+    """``full_memory_at_prompt_end`` (here in the bounded frame): the chunk that ends the prompt
+    ranks events by the attention its last ``prompt_end_queries`` queries give their
+    tokens (a softmax over every memory token per head and query, each event's sum,
+    per head the largest over the queries, summed over heads) — computed here from the
+    sequence's own keys and queries; other chunks score representatives as before, and
+    a decode step adds the question's scores to its own."""
+    seq = Sequence(700)
+    config = settings(retrieval_budget_tokens=64, positions="bounded", full_memory_at_prompt_end=True,
+                      prompt_end_queries=8)
+    _, memory = run(seq, config, [600], prompt=640)
+    request = memory.requests["r"]
+    (plan,) = memory.plan_step([BatchRow("r", 600, 40, capacity=700, prompt_tokens=640)])
+    assert plan.frame == "bounded" and plan.scores_tokens and plan.everything is None
+    assert plan.score_rows.tolist() == list(range(32, 40))
+    available = plan.available
+    for layer in range(LAYERS):
+        got = request.score_chunk(layer, plan, seq.q[layer][600:640])[0]
+        plain = seq.rope.rotate(seq.k[layer][:600], torch.arange(600), inverse=True).double()
+        positions = torch.arange(632, 640)
+        queries = seq.rope.rotate(seq.q[layer][632:640], config.window_tokens - positions).double()
+        starts = request.store.starts[: available.numel()]
+        want = torch.zeros(available.numel(), dtype=torch.float64)
+        tokens = torch.cat([torch.arange(int(starts[e]), int(starts[e] + available[e]))
+                            for e in range(available.numel())])
+        for h in range(HEADS):
+            shares = (queries[:, h] @ plain[tokens, h // (HEADS // KV_HEADS)].T * SCALE).softmax(-1)
+            per_event = torch.stack([shares[:, (tokens >= starts[e]) & (tokens < starts[e] + available[e])].sum(1)
+                                     for e in range(available.numel())], 1)
+            want += per_event.amax(0)
+        want = want.masked_fill(available == 0, float("-inf"))
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+        request._keep_question(layer, got.masked_fill(available == 0, 0.0))
+    question = request.question.clone()
+    # the decode step after the prompt: its own shares plus the question's
+    _, full = run(seq, config, [600, 40], prompt=640)
+    decoding = full.requests["r"]
+    (step,) = full.plan_step([BatchRow("r", 640, 1, capacity=700, prompt_tokens=640)])
+    seq.keep_query(decoding, 639)
+    alone = decoding.question
+    decoding.question = None
+    own = decoding.score_ahead(step)
+    decoding.question = alone
+    both = decoding.score_ahead(step)
+    width = question.shape[1]
+    torch.testing.assert_close(both[:, :width], own[:, :width] + alone[:, :width])
+    torch.testing.assert_close(alone[:, :width], question, atol=1e-5, rtol=1e-5)
 
 
 def test_events_partition_the_tokens_that_left_the_window():
@@ -529,6 +577,7 @@ def test_decode_retrieval_ahead_of_the_layers_equals_each_layers_own_retrieval()
     assert plan.selected_ahead and not plan.refresh
     (own,) = alone.plan_step([BatchRow("r", 601, 1, capacity=700)])
     # the previous token's query, seen from memory as select() sees the step's own query
+    own.score_rows = torch.tensor([0])
     own.score_angles = seq.rope.angles(torch.tensor([config.window_tokens - 600]))
     for layer in range(LAYERS):
         want = alone.requests["r"].select(layer, own, seq.q[layer][600:601]).to_dicts()
@@ -606,3 +655,57 @@ def test_code_keys_of_several_layers_in_one_gather():
     # a code's remainder says how far before the anchor the key is rotated to
     unrotated = store.gather(0, codes[1:2] // span)[0]
     torch.testing.assert_close(keys[1:2], seq.rope.rotate(unrotated, torch.tensor([500 - 7])), atol=1e-5, rtol=1e-5)
+
+
+def test_decode_retrieval_scores_with_the_queries_since_the_last_one():
+    """``mass`` scoring at a decode retrieval (every third step): the event shares of the
+    three latest queries, each seen from memory ``window`` tokens away (per head the
+    largest of the three) —
+    computed here from the sequence's own queries and the store's representatives."""
+    seq = Sequence(700)
+    config = settings(retrieval_budget_tokens=64, retrieval_interval=3)
+    _, memory = run(seq, config, [600, 1, 1, 1])
+    request = memory.requests["r"]
+    (plan,) = memory.plan_step([BatchRow("r", 603, 1, capacity=700)])
+    assert plan.refresh and plan.everything is None and request.can_select_ahead(plan)
+    got = request.score_ahead(plan)
+    available = plan.available
+    reps = request.store.reps[:, : available.numel()].double()
+    for layer in range(LAYERS):
+        positions = torch.tensor([600, 601, 602])
+        queries = seq.rope.rotate(seq.q[layer][600:603], config.window_tokens - positions).double()
+        logits = torch.einsum("mhd,ehd->hme", queries, reps[layer]) * SCALE + available.double().log()
+        logits = logits.masked_fill(available == 0, float("-inf"))
+        want = logits.softmax(-1).amax(1).sum(0)
+        torch.testing.assert_close(got[layer].double(), want.masked_fill(available == 0, float("-inf")),
+                                   atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("last", [0, 120])
+def test_a_long_prefill_chunk_scores_with_its_end_and_queries_spread_over_it(last):
+    """``mass`` scores a chunk with at most 64 of its queries: its last 16 (a prompt's
+    question) and the rest evenly spread over the chunk (or its last ``prefill_query_tokens``)."""
+    seq = Sequence(900)
+    _, memory = run(seq, settings(retrieval_budget_tokens=64, prefill_query_tokens=last), [600])
+    (plan,) = memory.plan_step([BatchRow("r", 600, 200, capacity=900)])
+    rows = plan.score_rows.tolist()
+    first = 200 - last if last else 0
+    assert len(rows) == 64 == len(set(rows)) and rows == sorted(rows)
+    assert rows[-16:] == list(range(184, 200)) and rows[0] == first
+    gaps = torch.diff(torch.tensor(rows[:48]))
+    assert int(gaps.max()) - int(gaps.min()) <= 1
+
+
+@pytest.mark.parametrize("queries, chunks, want", [
+    (60, [(560, 40), (600, 40)], [20, 40]),   # the question spans two chunks: both get their part
+    (8, [(560, 40), (600, 40)], [0, 8]),
+    (0, [(560, 40), (600, 40)], [0, 40]),     # 0: the chunk that ends the prompt, whole
+])
+def test_the_prompts_last_tokens_are_its_end_in_whichever_chunk_they_fall(queries, chunks, want):
+    shape = ModelShape(LAYERS, HEADS, KV_HEADS, DIM, torch.float32, 4096, BLOCK)
+    memory = EpisodicMemory(settings(prompt_end_queries=queries), shape, Sequence(8).rope, Stats())
+    got = [memory.plan_step([BatchRow("r", done, n, capacity=700, prompt_tokens=640)])[0].prompt_end
+           for done, n in chunks]
+    assert got == want
+    (decode,) = memory.plan_step([BatchRow("r", 640, 1, capacity=700, prompt_tokens=640)])
+    assert decode.prompt_end == 0

@@ -1,8 +1,9 @@
-"""Representatives: the mean of the most-attended keys of each event, per head."""
+"""Representatives: the mean key of each event (default), or the mean of its
+most-attended keys per head (EM-LLM's)."""
 
 import torch
 
-from vllm_episodic.core.representatives import representatives
+from vllm_episodic.core.representatives import mean_keys, representatives
 
 
 def test_picks_the_keys_the_queries_attend_to():
@@ -56,3 +57,35 @@ def test_layers_at_once_equal_each_layer_alone():
         alone = representatives(queries[layer : layer + 1], rotated[layer : layer + 1],
                                 plain[layer : layer + 1], lengths, top=2)
         torch.testing.assert_close(together[layer], alone[0])
+
+
+def test_mean_keys_average_every_token_of_each_event_per_kv_head():
+    torch.manual_seed(3)
+    layers, kv_heads, group, dim = 2, 3, 3, 8
+    lengths = torch.tensor([4, 1, 7, 2])
+    keys = torch.randn(layers, int(lengths.sum()), kv_heads, dim)
+    reps = mean_keys(keys, lengths, kv_heads * group)
+    assert reps.shape == (layers, 4, kv_heads * group, dim)
+    start = 0
+    for e, n in enumerate(lengths.tolist()):
+        for h in range(kv_heads * group):
+            want = keys[:, start : start + n, h // group].mean(1)
+            torch.testing.assert_close(reps[:, e, h], want)
+        start += n
+
+
+def test_the_memory_stores_mean_keys_when_asked():
+    """representatives_per_event=0: every stored event's representative is the mean of
+    its un-rotated keys, whatever the recent queries attend."""
+    from test_memory import LAYERS, Sequence, run, settings
+
+    seq = Sequence(400)
+    _, memory = run(seq, settings(representatives_per_event=0), [300, 1, 1])
+    store = memory.requests["r"].store
+    assert store.num_events >= 10
+    for layer in range(LAYERS):
+        plain = seq.rope.rotate(seq.k[layer], torch.arange(400), inverse=True)
+        for e in range(store.num_events):
+            start, end = int(store.starts[e]), int(store.ends[e])
+            want = plain[start:end].mean(0).repeat_interleave(2, dim=0)
+            torch.testing.assert_close(store.reps[layer, e], want, atol=1e-5, rtol=1e-5)

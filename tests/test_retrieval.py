@@ -245,3 +245,55 @@ def test_selections_are_canonical_so_equal_choices_compare_equal_row_by_row():
     assert a.with_rows(torch.tensor([1]), a.row(0)).to_dicts()[1] == {2: 9, 5: 1, 7: 4}
     assert a.to_dicts() == [{2: 9, 5: 1, 7: 4}, {1: 8, 3: 2}]
     assert c.rows(torch.tensor([2])).same_rows(a.row(0)).all() and a.row(1).to_dicts() == [{1: 8, 3: 2}]
+
+
+def _plain_event_mass(queries, reps, available):
+    """The scorer's definition, one layer, head and query at a time in float64."""
+    layers, m, heads, size = queries.shape
+    out = torch.zeros(layers, reps.shape[1], dtype=torch.float64)
+    live = available > 0
+    for layer in range(layers):
+        for h in range(heads):
+            best = torch.zeros(reps.shape[1], dtype=torch.float64)
+            for j in range(m):
+                logits = reps[layer, :, h].double() @ queries[layer, j, h].double() / size**0.5
+                logits = logits + available.double().clamp(min=1).log()
+                shares = torch.zeros_like(logits)
+                shares[live] = logits[live].softmax(0)
+                best = torch.maximum(best, shares)
+            out[layer] += best
+    return out.masked_fill(~live, float("-inf"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_event_mass_equals_per_head_softmax_shares(dtype):
+    from vllm_episodic.kernels import event_mass
+
+    g = torch.Generator().manual_seed(0)
+    queries = 3 * torch.randn(3, 5, 6, 32, generator=g)
+    reps = torch.randn(3, 40, 6, 32, generator=g)
+    available = torch.randint(0, 20, (40,), generator=g)
+    available[7] = 0
+    got = event_mass(queries, reps.to(dtype), available)
+    want = _plain_event_mass(queries, reps.to(dtype).float(), available)
+    tolerance = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(got.double(), want, atol=tolerance, rtol=tolerance)
+    assert torch.isinf(got[:, 7]).all()
+
+
+def test_one_head_with_huge_logits_does_not_outvote_heads_that_agree():
+    """Why ``mass``: heads 0-2 each single out event 3 (scaled logit gap 10); head 3
+    singles out event 5 with a gap ten times larger. A sum of dot products follows the
+    loud head (event 5); shares saturate at 1 per head, so the three agreeing heads win."""
+    from vllm_episodic.kernels import event_mass, score_layer_events
+
+    size, events = 16, 10
+    reps = torch.zeros(1, events, 4, size)
+    query = torch.zeros(1, 4, size)
+    query[0, :, 0] = 4.0  # scaled logit = raw dot / 4 = rep value
+    reps[0, 3, :3, 0] = 10.0
+    reps[0, 5, 3, 0] = 100.0
+    available = torch.full((events,), 8)
+    dot = score_layer_events(query, reps, available)
+    mass = event_mass(query[:, None], reps, available)
+    assert int(dot.argmax()) == 5 and int(mass.argmax()) == 3

@@ -66,10 +66,19 @@ class EpisodicConfig(BaseModel):
     attends the events it last retrieved, so its device cache is not rewritten; prefill
     chunks always retrieve."""
 
+    retrieval_scoring: Literal["mass", "dot"] = "mass"
+    """How events are ranked. ``mass``: each event's estimated share of attention — per
+    head a softmax over events of ``q · representative + log(event tokens)``, summed
+    over heads, each head's largest over the scoring queries (a decode step's
+    ``retrieval_interval`` latest queries; up to 64 of a prefill chunk's, its last 16
+    among them): the few heads that look for a fact are not drowned by the many that
+    attend broadly. ``dot``: InfLLM's and EM-LLM's sum over heads of the dot product
+    with the mean query (the previous query for a decode step)."""
+
     prefill_query_tokens: int = Field(0, ge=0, le=1 << 20)
-    """A prefill chunk scores events by the mean of its last this many queries (0: all
-    of the chunk's queries, InfLLM's choice). The chunk's last tokens are the ones the
-    next token (the first generated one, after the prompt's last chunk) follows from."""
+    """A prefill chunk scores events with its last this many queries only (0: queries
+    from all of the chunk). The chunk's last tokens are the ones the next token (the
+    first generated one, after the prompt's last chunk) follows from."""
 
     prefill_chunk_tokens: int | None = Field(None, ge=256, le=1 << 20)
     """Prefill chunk (``max_num_batched_tokens``) when ``--max-num-batched-tokens`` is not
@@ -86,9 +95,10 @@ class EpisodicConfig(BaseModel):
     refinement_metric: Literal["modularity", "conductance"] = "modularity"
     """Graph metric the refinement optimises (modularity up, conductance down)."""
 
-    representatives_per_event: int = Field(4, ge=1, le=64)
-    """Tokens averaged into an event's representative key for each query head (the
-    tokens that head attends most): what similarity retrieval scores."""
+    representatives_per_event: int = Field(0, ge=0, le=64)
+    """What similarity retrieval scores an event by. 0: the mean key of all its tokens;
+    r > 0: EM-LLM's mean key of the r tokens each query head attends most from the
+    request's recent queries (on natural prose these ranked needles far lower)."""
 
     representatives_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     """How representative keys are held and scored: the 16-bit dtypes halve their host
@@ -112,12 +122,17 @@ class EpisodicConfig(BaseModel):
     """``exact``: true positions; ``bounded``: memory at a fixed distance (InfLLM);
     ``auto``: exact while the context fits the model's trained length."""
 
-    full_memory_at_prompt_end: bool = False
-    """The prefill chunk that ends the prompt (where a question usually sits) attends every
-    memory token, not only the retrieved ones, when positions are exact: it is attended in
-    torch over the host store, once per request (the first token waits for ~chunk × context
-    more attention; decode is unchanged). Ignored in the bounded frame, whose memory must
-    stay within the budget to keep distances trained."""
+    full_memory_at_prompt_end: bool = True
+    """The prompt's last ``prompt_end_queries`` tokens (where a question usually sits)
+    attend every memory token, not only the retrieved ones, when positions are exact:
+    they are attended in torch over the host store, once per request (the first token
+    waits for ~queries × context more attention; decode is unchanged). The question's
+    keys and values then carry what it read, as with full attention. Ignored in the
+    bounded frame, whose memory must stay within the budget to keep distances trained."""
+
+    prompt_end_queries: int = Field(128, ge=0, le=1 << 20)
+    """How many of the prompt's last tokens ``full_memory_at_prompt_end`` gives all of
+    memory (at most the chunk that ends the prompt; 0: that whole chunk)."""
 
     @model_validator(mode="after")
     def _check_consistent(self) -> EpisodicConfig:

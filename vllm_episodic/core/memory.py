@@ -55,12 +55,13 @@ import torch
 from vllm_episodic.core.attention import attention
 from vllm_episodic.core.event_cache import SlotTable
 from vllm_episodic.core.refinement import key_similarity, refine_boundaries
-from vllm_episodic.core.representatives import representatives
+from vllm_episodic.core.representatives import mean_keys, representatives
 from vllm_episodic.core.retrieval import Selection, empty_queues, fill_budget, most_events, retrieve, stack_queues
 from vllm_episodic.core.rope import Rope
+from vllm_episodic.core.scoring import prompt_end_tokens, scoring_rows
 from vllm_episodic.core.segmentation import Segmenter
 from vllm_episodic.core.store import HostStore
-from vllm_episodic.kernels import gather_rotate, score_layer_events
+from vllm_episodic.kernels import event_mass, gather_rotate, score_layer_events, token_mass
 from vllm_episodic.metrics import Stats
 
 #: recent queries per layer that decide an event's representatives
@@ -86,6 +87,7 @@ class Settings(Protocol):
     surprise_gamma: float
     surprise_window: int
     contiguity_share: float
+    retrieval_scoring: str
     prefill_query_tokens: int
     refinement: bool
     refinement_metric: str
@@ -96,6 +98,7 @@ class Settings(Protocol):
     host_memory_gib: float
     host_memory_policy: str
     full_memory_at_prompt_end: bool
+    prompt_end_queries: int
 
 
 @dataclass(frozen=True)
@@ -176,16 +179,25 @@ class RowPlan:
     """keep this step's queries for future representatives"""
     available: torch.Tensor | None = None
     """(events,) tokens of each event that memory may attend this step (shared by layers)"""
+    score_rows: torch.Tensor | None = None
+    """which of the step's queries score events (:func:`~vllm_episodic.core.scoring.scoring_rows`)"""
     score_angles: tuple[torch.Tensor, torch.Tensor] | None = None
-    """RoPE angles that put the step's scoring queries (its last ``prefill_query_tokens``,
-    or all) ``window`` tokens after memory, one row per scoring query"""
+    """RoPE angles that put the step's scoring queries ``window`` tokens after memory,
+    one row per scoring query"""
     everything: Selection | None = None
     """when all of memory fits the budget: every event (and its available tokens)"""
     refresh: bool = True
     """retrieve in this step (else layers keep their last selection when still valid)"""
     all_memory: bool = False
-    """the step's chunk ends the prompt and attends every memory token, in torch after the
-    op (``full_memory_at_prompt_end``; exact frame)"""
+    """the step's chunk holds some of the prompt's end (:attr:`prompt_end`), which attends
+    every memory token, in torch after the op (``full_memory_at_prompt_end``; exact frame)"""
+    prompt_end: int = 0
+    """how many of the step's last queries are among the prompt's last
+    ``prompt_end_queries`` tokens (0 with none; the chunk that ends the prompt: all of
+    it when prompt_end_queries is 0). A question split over two chunks counts in both."""
+    torch_queries: int = 0
+    """how many of the step's last queries are attended in torch after the op (all of
+    them in reference mode; the prompt's last ``prompt_end_queries`` with all_memory)"""
     selected_ahead: bool = False
     """every layer's selection was made (and its slots filled) before the layers ran: in
     this step, or in the decode step that last retrieved (the steps up to the next
@@ -215,6 +227,19 @@ class RowPlan:
     def query_rows(self) -> slice:
         """The row's queries in the step's flattened tokens."""
         return slice(self.first_query, self.first_query + self.num_scheduled)
+
+    @property
+    def scores_tokens(self) -> bool:
+        """Whether the step's retrieval scores every memory token's key: a chunk with the
+        prompt's end (``full_memory_at_prompt_end``), whose scores the decode steps keep
+        adding (:meth:`RequestMemory._with_question`)."""
+        return bool(self.prompt_end) and self.memory.settings.full_memory_at_prompt_end
+
+    @property
+    def torch_rows(self) -> slice:
+        """The row's queries attended in torch (its last :attr:`torch_queries`)."""
+        end = self.first_query + self.num_scheduled
+        return slice(end - self.torch_queries, end)
 
 
 # reads tokens [start, end) of one batch row from layers' paged KV caches:
@@ -268,6 +293,8 @@ class RequestMemory:
     """``[num_layers, num_heads, head_size]`` every layer's latest query (:meth:`keep_queries`)"""
     last_query_position: int = -1
     decode_steps: int = 0
+    question: torch.Tensor | None = None
+    """``[num_layers, events]`` the event scores of the prompt's end (:meth:`_keep_question`)"""
     ahead_key: tuple | None = None
     """the :attr:`RowPlan.selection_key` of the last :func:`select_ahead` while every layer
     still keeps the selection it made (None once a layer retrieves on its own)"""
@@ -383,6 +410,9 @@ class RequestMemory:
             return
         ids = torch.arange(events.start, events.stop)
         lengths = self.store.ends[ids] - self.store.starts[ids]
+        if self.settings.representatives_per_event == 0:
+            self.store.set_reps(slice(None), ids, mean_keys(keys, lengths, self.shape.num_heads))
+            return
         seen = self.observed
         if seen:
             obs = self.observations[:, :seen]
@@ -444,12 +474,50 @@ class RequestMemory:
 
     def score_chunk(self, layer: int, plan: RowPlan, query: torch.Tensor) -> torch.Tensor:
         """``[1, events]`` the layer's event scores for this step's queries ``[q,
-        num_heads, head_size]``: the mean of the scoring queries (its last
-        ``prefill_query_tokens``, or all) as seen from memory at distance ``window``."""
+        num_heads, head_size]`` (its :attr:`RowPlan.score_rows`) as seen from memory at
+        distance ``window``: from every memory token's key at the prompt's end
+        (:attr:`RowPlan.scores_tokens`, kept as the layer's question scores), else from
+        the representatives (plus the question scores, once there are some)."""
         available = plan.available
         cos, sin = plan.score_angles
-        q_score = self.rope.apply(query[-cos.shape[0]:], cos, sin).mean(0)
-        return score_layer_events(q_score[None], self.store.reps[layer : layer + 1, : available.numel()], available)
+        reps = self.store.reps[layer : layer + 1, : available.numel()]
+        scoring = self.rope.apply(query[plan.score_rows], cos, sin)  # [m, heads, head_size]
+        if plan.scores_tokens:
+            # every memory token's key, read from the host store (un-rotated, as the
+            # representatives: the queries see them `window` tokens back)
+            events = available.nonzero().flatten()
+            owner = torch.repeat_interleave(events, available[events])
+            first = torch.cumsum(available[events], 0) - available[events]
+            positions = self.store.starts[owner] + torch.arange(owner.numel()) - first.repeat_interleave(available[events])
+            keys, _ = self.store.gather(layer, positions)
+            scores = token_mass(scoring, keys, owner, available.numel())
+            self._keep_question(layer, scores)
+            return scores[None].masked_fill(available == 0, float("-inf"))
+        if self.settings.retrieval_scoring == "mass":
+            return self._with_question(event_mass(scoring[None], reps, available), torch.tensor([layer]))
+        return score_layer_events(scoring.mean(0)[None], reps, available)
+
+    def _keep_question(self, layer: int, scores: torch.Tensor) -> None:
+        """Keep a layer's event scores ``(events,)`` from the prompt's end: what the
+        question read, for the decode steps that answer it (a later prompt chunk with
+        some of the question replaces them)."""
+        if self.question is None or self.question.shape[1] < scores.numel():
+            grown = scores.new_zeros(self.shape.num_layers, scores.numel())
+            if self.question is not None:
+                grown[:, : self.question.shape[1]] = self.question
+            self.question = grown
+        self.question[layer, : scores.numel()] = scores
+
+    def _with_question(self, scores: torch.Tensor, layers: torch.Tensor) -> torch.Tensor:
+        """``scores [len(layers), events]`` plus the layers' question scores: a decode
+        step keeps what the question read within reach, whatever its own queries look
+        at (both are attention shares summed over heads; events formed after the
+        prompt score 0 from the question)."""
+        if self.question is None:
+            return scores
+        width = min(scores.shape[1], self.question.shape[1])
+        scores[:, :width] += self.question[layers, :width]
+        return scores
 
     def keep_queries(self, queries: torch.Tensor, position: int) -> None:
         """Keep a step's latest queries of every layer, ``[num_layers, q, num_heads,
@@ -479,9 +547,17 @@ class RequestMemory:
         """``[num_layers, events]`` every layer's event scores for a decode step, from the
         queries of the previous token (one batched scoring call for all layers)."""
         available = plan.available
+        reps = self.store.reps[:, : available.numel()]
+        if self.settings.retrieval_scoring == "mass":
+            # the queries since the last retrieval, newest first: ring slots before
+            # _ring_next, at positions counting down from the last query's
+            back = torch.arange(min(self.settings.retrieval_interval, self.observed))
+            queries = self.observations[:, (self._ring_next - 1 - back) % OBSERVATION_QUERIES]
+            angles = self.rope.angles(self.settings.window_tokens - (self.last_query_position - back))
+            scores = event_mass(self.rope.apply(queries, *angles), reps, available)
+            return self._with_question(scores, torch.arange(self.shape.num_layers))
         angles = self.rope.angles(torch.tensor([self.settings.window_tokens - plan.num_computed + 1]))
-        queries = self.rope.apply(self.last_queries, *angles)
-        return score_layer_events(queries, self.store.reps[:, : available.numel()], available)
+        return score_layer_events(self.rope.apply(self.last_queries, *angles), reps, available)
 
     def _store_queues(self, layers: torch.Tensor, queues: torch.Tensor) -> None:
         """Keep the new contiguity queues ``[len(layers), width]`` of these layers."""
@@ -581,6 +657,8 @@ class RequestMemory:
         """The assembled attention in torch: sinks + selection + local part, one softmax.
 
         Args:
+            query: ``[q, num_heads, head_size]`` the step's last q queries (all, or its
+                :attr:`RowPlan.torch_queries`).
             local_keys, local_values: tokens ``[plan.local_start, plan.end)`` from the paged cache.
 
         Returns:
@@ -595,7 +673,7 @@ class RequestMemory:
         # only the local part is causal: sinks and memory precede every query
         before = keys.shape[0] - local_keys.shape[0]
         positions = torch.cat((torch.full((before,), plan.local_start - 1), torch.arange(plan.local_start, plan.end)))
-        return attention(query, keys, values, scale, plan.query_positions, positions)
+        return attention(query, keys, values, scale, plan.query_positions[-query.shape[0]:], positions)
 
 
 def retrieve_rows(parts: list[tuple[RequestMemory, torch.Tensor, RowPlan, torch.Tensor]]) -> list[Selection]:
@@ -742,6 +820,7 @@ class EpisodicMemory:
                 observe=end + OBSERVATION_QUERIES + row.num_scheduled > self.layout.sinks + s.window_tokens,
                 refresh=memory.refreshes(row.num_scheduled, rewrite),
             )
+            plan.prompt_end = prompt_end_tokens(row.num_computed, row.num_scheduled, row.prompt_tokens, s.prompt_end_queries)
             if mode != "natural" and memory_tokens > 0:
                 self._plan_retrieval(plan)
                 # between decode retrievals every layer keeps what select_ahead chose
@@ -751,7 +830,11 @@ class EpisodicMemory:
             # the chunk that ends the prompt sees all of memory (exact frame), unless its
             # budget already holds all of it
             plan.all_memory = (s.full_memory_at_prompt_end and mode != "natural" and plan.frame == "exact"
-                               and row.num_computed < row.prompt_tokens <= end and plan.everything is None)
+                               and plan.prompt_end > 0 and plan.everything is None)
+            if mode == "reference":
+                plan.torch_queries = row.num_scheduled
+            elif plan.all_memory:
+                plan.torch_queries = plan.prompt_end
             plans.append(plan)
             first_query += row.num_scheduled
         self._begin_recording(plans)
@@ -795,7 +878,11 @@ class EpisodicMemory:
         if int(plan.available.sum()) <= plan.memory_tokens:
             plan.everything = _whole(plan.available)
         else:
-            scoring = plan.query_positions[-self.settings.prefill_query_tokens:]
+            if plan.scores_tokens:
+                plan.score_rows = torch.arange(plan.num_scheduled - plan.prompt_end, plan.num_scheduled)
+            else:
+                plan.score_rows = scoring_rows(plan.num_scheduled, self.settings.prefill_query_tokens, self.settings.retrieval_scoring)
+            scoring = plan.query_positions[plan.score_rows]
             plan.score_angles = self.rope.angles(self.settings.window_tokens - scoring)
 
     def end_step(self, plans: list[RowPlan], read_tokens: TokenReader) -> None:

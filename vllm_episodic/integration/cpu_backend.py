@@ -123,9 +123,9 @@ class EpisodicCPUImpl(CPUAttentionBackendImpl):
                         output_scale, output_block_scale)
         out = output[:num_tokens].view(num_tokens, self.num_heads, self.head_size)
         for plan in meta.reference:
-            rows = plan.query_rows
+            rows = plan.torch_rows
             memory = plan.memory
-            selection = memory.attended_in_torch(layer_index, plan, q[rows])
+            selection = memory.attended_in_torch(layer_index, plan, q[plan.query_rows])
             local_k, local_v = (t[0] for t in runtime.read_tokens(
                 plan, torch.tensor([layer_index]), plan.local_start, plan.end))
             out[rows] = memory.reference_attention(
