@@ -132,6 +132,9 @@ def main() -> int:
     parser.add_argument("--serve-args", default="",
                         help="more `vllm serve` flags for both backends, e.g. '--max-num-batched-tokens 4096'")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the cells of the result file at --out that this run does not measure "
+                             "(one file per suite and model; each cell names the run that measured it)")
     args = parser.parse_args()
     args.tasks = args.tasks or list(SUITES[args.suite])
     unknown = sorted(set(args.tasks) - set(SUITES[args.suite]))
@@ -154,13 +157,21 @@ def main() -> int:
               "command": "python " + shlex.join(sys.argv),
               "episodic_config": json.loads(args.episodic), "serve_args": args.serve_args,
               "lengths": args.lengths, "tasks": args.tasks, "bands": args.bands, "samples": args.samples}
+    run = {key: report[key] for key in ("commit", "command", "episodic_config", "serve_args")}
+    run["date"] = time.strftime("%Y-%m-%d %H:%M")
     for backend in args.backends:
         mine = [s for s in samples if backend == "episodic" or s.length <= args.stock_max_len]
         report[backend] = run_backend(backend, model_dir, mine, args) if mine else {}
+        for cell in report[backend].values():
+            cell["run"] = run
     text = table(report, args.tasks, args.lengths, args.backends, args.bands)
     print(text)
     out = Path(args.out) if args.out else common.RESULTS / f"quality-{args.suite}-{Path(args.model).name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.merge and out.exists():
+        earlier = json.loads(out.read_text())
+        for backend in ("stock", "episodic"):
+            report[backend] = {**earlier.get(backend, {}), **report.get(backend, {})}
     out.write_text(json.dumps(report, indent=1))
     common.log(f"wrote {out}")
     return 0

@@ -102,26 +102,31 @@ def event_mass_reference(queries: torch.Tensor, reps: torch.Tensor, available: t
     Args:
         queries: ``[layers, m, num_heads, head_size]`` scoring queries (rotated as the
             representatives are scored: ``window`` tokens after memory).
-        reps: ``[layers, events, num_heads, head_size]`` each layer's representatives.
+        reps: ``[layers, events, rep_heads, head_size]`` each layer's representatives, one
+            per query head, or one per KV head (``rep_heads`` divides ``num_heads``; query
+            head h scores representative ``h // (num_heads // rep_heads)``).
         available: ``(events,)`` attendable tokens of each event (0 → ``-inf``).
 
     Returns:
         ``[layers, events]`` float32 scores in [0, num_heads].
     """
     layers, m, heads, size = queries.shape
-    events = reps.shape[1]
+    events, rep_heads = reps.shape[1], reps.shape[2]
+    group = heads // rep_heads
     q = queries.float()
     # unit queries in the representatives' dtype (float16 cannot hold large products;
     # see _query_for), their lengths put back in float32
     norm = torch.linalg.vector_norm(q, dim=-1).clamp(min=1e-30)  # [L, m, H]
     unit = (q / norm[..., None]).to(reps.dtype)
     # one GEMM per layer reads every representative once for all heads and queries:
-    # [events, H*D] @ block-diagonal [H*D, H*m] (column (h, j) holds query j of head h)
-    diagonal = unit.new_zeros(layers, heads, size, heads, m)
-    head = torch.arange(heads, device=q.device)
-    diagonal[:, head, :, head, :] = unit.permute(2, 0, 3, 1)
-    flat = reps.reshape(layers, events, heads * size)
-    diagonal = diagonal.view(layers, heads * size, heads * m)
+    # [events, R*D] @ block-diagonal [R*D, R*group*m]: block r holds the queries of the
+    # heads that score representative r (column (g, j): query j of head r*group + g)
+    blocks = unit.view(layers, m, rep_heads, group, size).permute(2, 0, 4, 3, 1)  # [R, L, D, group, m]
+    diagonal = unit.new_zeros(layers, rep_heads, size, rep_heads, group * m)
+    head = torch.arange(rep_heads, device=q.device)
+    diagonal[:, head, :, head, :] = blocks.reshape(rep_heads, layers, size, group * m)
+    flat = reps.reshape(layers, events, rep_heads * size)
+    diagonal = diagonal.view(layers, rep_heads * size, heads * m)
     if reps.dtype == torch.bfloat16:
         # see score_layer_events_reference: a strided bfloat16 bmm takes a slow path
         logits = torch.stack([flat[i] @ diagonal[i] for i in range(layers)])
@@ -136,7 +141,6 @@ def event_mass_reference(queries: torch.Tensor, reps: torch.Tensor, available: t
     # not averaged away by the others (a decode step's queries since the last retrieval
     # read different things; the mean lost needles that the max keeps)
     return share.amax(3).sum(2).masked_fill(available == 0, float("-inf"))
-
 
 
 def token_mass_reference(queries: torch.Tensor, keys: torch.Tensor, owner: torch.Tensor, events: int,

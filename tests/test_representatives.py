@@ -61,22 +61,22 @@ def test_layers_at_once_equal_each_layer_alone():
 
 def test_mean_keys_average_every_token_of_each_event_per_kv_head():
     torch.manual_seed(3)
-    layers, kv_heads, group, dim = 2, 3, 3, 8
+    layers, kv_heads, dim = 2, 3, 8
     lengths = torch.tensor([4, 1, 7, 2])
     keys = torch.randn(layers, int(lengths.sum()), kv_heads, dim)
-    reps = mean_keys(keys, lengths, kv_heads * group)
-    assert reps.shape == (layers, 4, kv_heads * group, dim)
+    reps = mean_keys(keys, lengths)
+    assert reps.shape == (layers, 4, kv_heads, dim)
     start = 0
     for e, n in enumerate(lengths.tolist()):
-        for h in range(kv_heads * group):
-            want = keys[:, start : start + n, h // group].mean(1)
-            torch.testing.assert_close(reps[:, e, h], want)
+        for h in range(kv_heads):
+            torch.testing.assert_close(reps[:, e, h], keys[:, start : start + n, h].mean(1))
         start += n
 
 
 def test_the_memory_stores_mean_keys_when_asked():
     """representatives_per_event=0: every stored event's representative is the mean of
-    its un-rotated keys, whatever the recent queries attend."""
+    its un-rotated keys per KV head (held once per KV head), whatever the recent queries
+    attend."""
     from test_memory import LAYERS, Sequence, run, settings
 
     seq = Sequence(400)
@@ -87,5 +87,4 @@ def test_the_memory_stores_mean_keys_when_asked():
         plain = seq.rope.rotate(seq.k[layer], torch.arange(400), inverse=True)
         for e in range(store.num_events):
             start, end = int(store.starts[e]), int(store.ends[e])
-            want = plain[start:end].mean(0).repeat_interleave(2, dim=0)
-            torch.testing.assert_close(store.reps[layer, e], want, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(store.reps[layer, e], plain[start:end].mean(0), atol=1e-5, rtol=1e-5)

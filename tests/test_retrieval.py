@@ -256,7 +256,8 @@ def _plain_event_mass(queries, reps, available):
         for h in range(heads):
             best = torch.zeros(reps.shape[1], dtype=torch.float64)
             for j in range(m):
-                logits = reps[layer, :, h].double() @ queries[layer, j, h].double() / size**0.5
+                rep = reps[layer, :, h // (heads // reps.shape[2])]
+                logits = rep.double() @ queries[layer, j, h].double() / size**0.5
                 logits = logits + available.double().clamp(min=1).log()
                 shares = torch.zeros_like(logits)
                 shares[live] = logits[live].softmax(0)
@@ -265,13 +266,15 @@ def _plain_event_mass(queries, reps, available):
     return out.masked_fill(~live, float("-inf"))
 
 
+@pytest.mark.parametrize("rep_heads", [6, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_event_mass_equals_per_head_softmax_shares(dtype):
+def test_event_mass_equals_per_head_softmax_shares(dtype, rep_heads):
+    """Representatives per query head (6) or per KV head (2: heads 0-2 score the first)."""
     from vllm_episodic.kernels import event_mass
 
     g = torch.Generator().manual_seed(0)
     queries = 3 * torch.randn(3, 5, 6, 32, generator=g)
-    reps = torch.randn(3, 40, 6, 32, generator=g)
+    reps = torch.randn(3, 40, rep_heads, 32, generator=g)
     available = torch.randint(0, 20, (40,), generator=g)
     available[7] = 0
     got = event_mass(queries, reps.to(dtype), available)

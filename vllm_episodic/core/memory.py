@@ -385,7 +385,9 @@ class RequestMemory:
             events = list(zip(bounds[:-1], bounds[1:]))
         if self.store is None:
             m = self.shape
-            self.store = HostStore(m.num_layers, m.num_heads, m.num_kv_heads, m.head_size, m.dtype,
+            # mean keys are one per KV head; chosen keys one per query head
+            rep_heads = m.num_kv_heads if self.settings.representatives_per_event == 0 else m.num_heads
+            self.store = HostStore(m.num_layers, rep_heads, m.num_kv_heads, m.head_size, m.dtype,
                                    reps_dtype=getattr(torch, self.settings.representatives_dtype))
         return self.store.add_events(events)
 
@@ -411,7 +413,7 @@ class RequestMemory:
         ids = torch.arange(events.start, events.stop)
         lengths = self.store.ends[ids] - self.store.starts[ids]
         if self.settings.representatives_per_event == 0:
-            self.store.set_reps(slice(None), ids, mean_keys(keys, lengths, self.shape.num_heads))
+            self.store.set_reps(slice(None), ids, mean_keys(keys, lengths))
             return
         seen = self.observed
         if seen:
@@ -495,7 +497,16 @@ class RequestMemory:
             return scores[None].masked_fill(available == 0, float("-inf"))
         if self.settings.retrieval_scoring == "mass":
             return self._with_question(event_mass(scoring[None], reps, available), torch.tensor([layer]))
-        return score_layer_events(scoring.mean(0)[None], reps, available)
+        return score_layer_events(self._per_rep_head(scoring.mean(0)[None]), reps, available)
+
+    def _per_rep_head(self, query: torch.Tensor) -> torch.Tensor:
+        """``query [n, num_heads, head_size]`` for a dot product with representatives: as
+        is when they are per query head, summed over each KV group when they are per KV
+        head (Σ_h q_h · rep_kv(h) = (Σ_group q_h) · rep_kv)."""
+        rep_heads = self.store.reps.shape[2]
+        if rep_heads == query.shape[1]:
+            return query
+        return query.view(query.shape[0], rep_heads, -1, query.shape[2]).sum(2)
 
     def _keep_question(self, layer: int, scores: torch.Tensor) -> None:
         """Keep a layer's event scores ``(events,)`` from the prompt's end: what the
@@ -557,7 +568,7 @@ class RequestMemory:
             scores = event_mass(self.rope.apply(queries, *angles), reps, available)
             return self._with_question(scores, torch.arange(self.shape.num_layers))
         angles = self.rope.angles(torch.tensor([self.settings.window_tokens - plan.num_computed + 1]))
-        return score_layer_events(self.rope.apply(self.last_queries, *angles), reps, available)
+        return score_layer_events(self._per_rep_head(self.rope.apply(self.last_queries, *angles)), reps, available)
 
     def _store_queues(self, layers: torch.Tensor, queues: torch.Tensor) -> None:
         """Keep the new contiguity queues ``[len(layers), width]`` of these layers."""

@@ -3,7 +3,7 @@
 Two choices (``representatives_per_event``):
 
 - ``0`` (default): the mean un-rotated key of *every* token of the event, per KV head
-  (:func:`mean_keys`; ShadowKV's landmarks are such means). Measured on natural
+  (:func:`mean_keys`; ShadowKV's landmarks are such means), held once per KV head. Measured on natural
   prose (needles in essays): it ranked the needle's event near the top in the layers
   that read it, where the alternative below ranked it 50-200th of ~500 events.
 - ``r > 0``: EM-LLM's mean key of the event's ``r`` most attended tokens, the
@@ -73,19 +73,17 @@ def representatives(
     return reps.transpose(1, 2).contiguous()
 
 
-def mean_keys(keys: torch.Tensor, lengths: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Each event's mean key, for every query head (its KV head's mean).
+def mean_keys(keys: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Each event's mean key per KV head (the query heads of a KV group share it).
 
     Args:
         keys: ``[layers, n, num_kv_heads, head_size]`` the events' un-rotated keys.
         lengths: ``(k,)`` token count of each event; the events tile the n tokens.
-        num_heads: query heads (a multiple of the KV heads).
 
     Returns:
-        ``[layers, k, num_heads, head_size]`` float32.
+        ``[layers, k, num_kv_heads, head_size]`` float32.
     """
     owner = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
     sums = keys.new_zeros((keys.shape[0], lengths.numel(), *keys.shape[2:]), dtype=torch.float32)
     sums.index_add_(1, owner, keys.float())
-    means = sums / lengths.float()[None, :, None, None]
-    return means.repeat_interleave(num_heads // keys.shape[2], dim=2)
+    return sums / lengths.float()[None, :, None, None]

@@ -4,9 +4,11 @@ events, and their representative keys.
 Token t lives in page ``t // page_tokens`` at offset ``t % page_tokens``::
 
     page keys, values  [num_layers, num_kv_heads, page_tokens, head_size]   un-rotated
-    reps               [num_layers, events, num_heads, head_size]           reps_dtype (grows)
+    reps               [num_layers, events, rep_heads, head_size]           reps_dtype (grows)
     starts, ends       [events]                                            token ranges
 
+``rep_heads`` is the number of query heads for representatives chosen per query head,
+or of KV heads for mean keys (one per KV head: a query head scores its KV head's).
 Pages are allocated as tokens arrive (pinned on CUDA) and can be dropped one by one
 (:meth:`evict_page`) when the server's host memory cap is reached; the events with
 tokens on a dropped page can no longer be retrieved. ``nbytes`` is the exact number of
@@ -25,7 +27,7 @@ class HostStore:
     def __init__(
         self,
         num_layers: int,
-        num_heads: int,
+        rep_heads: int,
         num_kv_heads: int,
         head_size: int,
         dtype: torch.dtype,
@@ -43,7 +45,7 @@ class HostStore:
         self.evicted: set[int] = set()
         self.page_last_use = torch.zeros(0, dtype=torch.long)
         # scoring reads all of them at every retrieval: their dtype sets its bytes
-        self.reps = torch.empty((num_layers, 0, num_heads, head_size), dtype=reps_dtype, device=reps_device)
+        self.reps = torch.empty((num_layers, 0, rep_heads, head_size), dtype=reps_dtype, device=reps_device)
         self.starts = torch.empty(0, dtype=torch.long)
         self.ends = torch.empty(0, dtype=torch.long)
         self.alive = torch.empty(0, dtype=torch.bool)
@@ -51,7 +53,7 @@ class HostStore:
         self.end_token = 0  # tokens [0, end_token) were written
         self.evicted_tokens = 0
         self._page_bytes = 2 * num_layers * num_kv_heads * page_tokens * head_size * dtype.itemsize
-        self._event_bytes = num_layers * num_heads * head_size * reps_dtype.itemsize
+        self._event_bytes = num_layers * rep_heads * head_size * reps_dtype.itemsize
 
     @property
     def nbytes(self) -> int:
@@ -124,7 +126,7 @@ class HostStore:
         return range(first, count)
 
     def set_reps(self, layers: slice, ids: torch.Tensor, reps: torch.Tensor) -> None:
-        """Hold ``reps [layers, len(ids), num_heads, head_size]`` (float32) for events
+        """Hold ``reps [layers, len(ids), rep_heads, head_size]`` (float32) for events
         ``ids`` in the store's dtype; float16 saturates at its largest value instead of
         turning a huge key into inf."""
         if self.reps.dtype == torch.float16:
