@@ -13,7 +13,7 @@ from servers import SMALL, get, long_prompt, metric, post, post_status, wait_idl
 
 pytestmark = pytest.mark.server
 
-PAGE_GIB = 2 * 30 * 3 * 4096 * 64 * 2 / 2**30  # one host-store page of SmolLM2 in bf16
+PAGE_GIB = 2 * 30 * 3 * 4096 * 64 * 4 / 2**30  # one host-store page of SmolLM2 in float32 (servers.serve_args)
 
 
 @pytest.fixture(scope="module")
