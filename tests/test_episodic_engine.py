@@ -71,8 +71,9 @@ def test_surprise_matches_transformers(make_llm, model_dir):
     with torch.no_grad():
         logits = model(torch.tensor([ids])).logits[0, :-1].float()
     expected = torch.logsumexp(logits, -1) - logits.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
-    # float32 on both sides; different kernels: agreement to ~1e-3 nats
-    torch.testing.assert_close(ours, expected, atol=2e-3, rtol=1e-3)
+    # float32 on both sides; different kernels: agreement to a few 1e-3 nats (on an
+    # Intel Xeon one token of ~1,700 differed by 3.3e-3 in one run of two)
+    torch.testing.assert_close(ours, expected, atol=5e-3, rtol=1e-3)
     assert ours.max() > 5  # real values, not zeros
 
 
