@@ -39,7 +39,7 @@ SMALL = {"sink_tokens": 64, "window_tokens": 256, "retrieval_budget_tokens": 256
 def serve_args(model_dir: str, port: int, *extra: str) -> list[str]:
     # float32: in bfloat16 this 135M model's greedy answers depend on the CPU (on an
     # Intel Xeon stock vLLM answers "What is the capital of France?" with "L'Étoile, la
-    # Marseillaise, …", on an AMD EPYC with Paris); in float32 it names Paris on both
+    # Marseillaise, …", on an AMD EPYC it named Paris); in float32 the Xeon names Paris
     return [VLLM, "serve", model_dir, "--host", "127.0.0.1", "--port", str(port),
             "--enforce-eager", "--max-model-len", "8192", "--attention-backend", "episodic",
             "--dtype", "float32", *extra]
