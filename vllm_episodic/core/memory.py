@@ -482,19 +482,17 @@ class RequestMemory:
         the representatives (plus the question scores, once there are some)."""
         available = plan.available
         cos, sin = plan.score_angles
-        reps = self.store.reps[layer : layer + 1, : available.numel()]
         scoring = self.rope.apply(query[plan.score_rows], cos, sin)  # [m, heads, head_size]
         if plan.scores_tokens:
             # every memory token's key, read from the host store (un-rotated, as the
             # representatives: the queries see them `window` tokens back)
             events = available.nonzero().flatten()
-            owner = torch.repeat_interleave(events, available[events])
-            first = torch.cumsum(available[events], 0) - available[events]
-            positions = self.store.starts[owner] + torch.arange(owner.numel()) - first.repeat_interleave(available[events])
+            positions, which = _tokens_of(self.store.starts[events], available[events])
             keys, _ = self.store.gather(layer, positions)
-            scores = token_mass(scoring, keys, owner, available.numel())
+            scores = token_mass(scoring, keys, events[which], available.numel())
             self._keep_question(layer, scores)
             return scores[None].masked_fill(available == 0, float("-inf"))
+        reps = self.store.reps[layer : layer + 1, : available.numel()]
         if self.settings.retrieval_scoring == "mass":
             return self._with_question(event_mass(scoring[None], reps, available), torch.tensor([layer]))
         return score_layer_events(self._per_rep_head(scoring.mean(0)[None]), reps, available)
@@ -630,9 +628,7 @@ class RequestMemory:
             index = torch.arange(ids.numel())
             last = torch.where(follows & whole, ids.numel(), index).flip(0).cummin(0).values.flip(0)
             lags = ends[last] - ends
-        owner = torch.repeat_interleave(torch.arange(ids.numel()), counts)
-        rank = torch.arange(int(counts.sum())) - (torch.cumsum(counts, 0) - counts)[owner]
-        positions = starts[owner] + rank
+        positions, owner = _tokens_of(starts, counts)
         if frame == "exact":
             return (positions * span).view(len(selection), -1)
         # every run ends at the anchor: an event ends `lag` tokens before it
@@ -753,6 +749,14 @@ def select_ahead(plans: list[RowPlan]) -> list[Selection]:
     for plan in plans:
         plan.memory.ahead_key = plan.selection_key
     return selections
+
+
+def _tokens_of(starts: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``counts[i]`` tokens of each event ``i`` starting at ``starts[i]``, in
+    order: their positions and the index ``i`` each belongs to."""
+    owner = torch.repeat_interleave(torch.arange(counts.numel()), counts)
+    rank = torch.arange(owner.numel()) - (torch.cumsum(counts, 0) - counts)[owner]
+    return starts[owner] + rank, owner
 
 
 def _whole(available: torch.Tensor) -> Selection:
