@@ -59,6 +59,8 @@ def test_unknown_key_lists_the_valid_keys():
         ({"min_event_tokens": 64, "max_event_tokens": 32}, ["min_event_tokens", "max_event_tokens"]),
         ({"retrieval_budget_tokens": 64, "max_event_tokens": 128}, ["retrieval_budget_tokens", "one event fits"]),
         ({"device_event_cache_tokens": 100}, ["device_event_cache_tokens", "retrieval_budget_tokens"]),
+        ({"prefill_budget_tokens": 4096}, ["prefill_budget_tokens", "retrieval_budget_tokens"]),
+        ({"prefill_budget_tokens": 64}, ["prefill_budget_tokens", "max_event_tokens"]),
     ],
 )
 def test_bad_values_name_the_field_and_what_it_accepts(values, fragments):

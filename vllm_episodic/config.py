@@ -46,6 +46,12 @@ class EpisodicConfig(BaseModel):
     retrieval_budget_tokens: int = Field(2048, ge=0, le=1 << 20)
     """Tokens of retrieved events attended per layer and step (similarity + contiguity)."""
 
+    prefill_budget_tokens: int | None = Field(None, ge=0, le=1 << 20)
+    """Tokens of retrieved events a prefill chunk attends per layer, at most
+    ``retrieval_budget_tokens`` (None: that budget). A chunk attends its own tokens
+    and the window exactly, and its cost grows with the budget for every one of its
+    queries, while the answer is decoded with ``retrieval_budget_tokens``."""
+
     min_event_tokens: int = Field(8, ge=1, le=65536)
     """Smallest event; surprise boundaries closer than this are dropped."""
 
@@ -146,6 +152,13 @@ class EpisodicConfig(BaseModel):
                 f"retrieval_budget_tokens ({self.retrieval_budget_tokens}) must be 0 "
                 f"(no retrieval) or at least max_event_tokens ({self.max_event_tokens}), "
                 "so that one event fits"
+            )
+        if self.prefill_budget_tokens is not None and not (
+                self.max_event_tokens <= self.prefill_budget_tokens <= self.retrieval_budget_tokens):
+            raise ValueError(
+                f"prefill_budget_tokens ({self.prefill_budget_tokens}) must lie between "
+                f"max_event_tokens ({self.max_event_tokens}) and retrieval_budget_tokens "
+                f"({self.retrieval_budget_tokens})"
             )
         if (self.device_event_cache_tokens is not None
                 and self.device_event_cache_tokens < self.retrieval_budget_tokens):

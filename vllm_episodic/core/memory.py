@@ -80,6 +80,7 @@ class Settings(Protocol):
     sink_tokens: int
     window_tokens: int
     retrieval_budget_tokens: int
+    prefill_budget_tokens: int | None
     retrieval_interval: int
     min_event_tokens: int
     max_event_tokens: int
@@ -126,13 +127,17 @@ class Layout:
     cache_end: int
     max_memory: int
     """largest number of memory tokens attended per step (budget, whole blocks)"""
+    prefill_memory: int
+    """the most a prefill chunk attends (its budget, whole blocks; at most max_memory)"""
 
     @classmethod
     def of(cls, settings: Settings, block_size: int) -> Layout:
         sinks = _align_up(settings.sink_tokens, block_size)
         max_memory = settings.retrieval_budget_tokens // block_size * block_size
+        prefill = settings.prefill_budget_tokens
+        prefill_memory = max_memory if prefill is None else min(max_memory, prefill // block_size * block_size)
         slots = _align_up(max(settings.device_event_cache_tokens, max_memory), block_size)
-        return cls(sinks=sinks, cache_end=sinks + slots, max_memory=max_memory)
+        return cls(sinks=sinks, cache_end=sinks + slots, max_memory=max_memory, prefill_memory=prefill_memory)
 
 
 @dataclass(frozen=True)
@@ -361,7 +366,8 @@ class RequestMemory:
             return "natural", 0, 0, 0, anchor, rewrite
         # the cache's blocks below local_start no longer hold needed tokens
         cache_slots = min(local_start, lay.cache_end) - lay.sinks
-        memory_tokens = min(lay.max_memory, local_start - lay.sinks, cache_slots)
+        budget = lay.max_memory if num_scheduled == 1 else lay.prefill_memory
+        memory_tokens = min(budget, local_start - lay.sinks, cache_slots)
         if reference:
             mode = "reference"
         elif frame == "exact" and self.open_start < lay.cache_end:
