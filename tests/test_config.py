@@ -59,8 +59,8 @@ def test_unknown_key_lists_the_valid_keys():
         ({"min_event_tokens": 64, "max_event_tokens": 32}, ["min_event_tokens", "max_event_tokens"]),
         ({"retrieval_budget_tokens": 64, "max_event_tokens": 128}, ["retrieval_budget_tokens", "one event fits"]),
         ({"device_event_cache_tokens": 100}, ["device_event_cache_tokens", "retrieval_budget_tokens"]),
-        ({"prefill_budget_tokens": 4096}, ["prefill_budget_tokens", "retrieval_budget_tokens"]),
-        ({"prefill_budget_tokens": 64}, ["prefill_budget_tokens", "max_event_tokens"]),
+        ({"bounded_budget_tokens": 1024}, ["bounded_budget_tokens", "retrieval_budget_tokens"]),
+        ({"bounded_budget_tokens": 4096, "device_event_cache_tokens": 2048}, ["device_event_cache_tokens", "4096"]),
     ],
 )
 def test_bad_values_name_the_field_and_what_it_accepts(values, fragments):
@@ -83,6 +83,10 @@ def test_resolving_for_a_model_keeps_memory_in_trained_range():
     with pytest.raises(EpisodicConfigError, match="exceed the model's trained length 8192"):
         config.resolved(trained_len=8192, max_model_len=65536, block_size=128)
     EpisodicConfig(window_tokens=8000, positions="exact").resolved(8192, 65536, 128)
+    # the span counts the largest budget: 128 + 6656 + 128 + 128 + 1024 + 128 + 128 > 8192
+    with pytest.raises(EpisodicConfigError, match="exceed the model's trained length 8192"):
+        EpisodicConfig(window_tokens=1024, retrieval_budget_tokens=1024,
+                       bounded_budget_tokens=6656).resolved(8192, 65536, 128)
 
 
 def test_default_event_cache_is_twice_the_budget_within_the_trained_range():
@@ -96,5 +100,8 @@ def test_default_event_cache_on_the_cpu_platform_is_the_budget():
     """Where the device is host memory the cache holds the retrieved events only (no
     reserve); an explicit size is kept."""
     assert EpisodicConfig().resolved(32768, 65536, 128, device_is_host=True).device_event_cache_tokens == 2048
+    # the largest budget any step attends: decode steps past the trained length here
+    bounded = EpisodicConfig(retrieval_budget_tokens=1024, bounded_budget_tokens=3072)
+    assert bounded.resolved(32768, 65536, 128, device_is_host=True).device_event_cache_tokens == 3072
     config = EpisodicConfig(device_event_cache_tokens=5000)
     assert config.resolved(8192, 65536, 128, device_is_host=True).device_event_cache_tokens == 5000

@@ -31,7 +31,7 @@ def settings(**overrides):
         refinement_metric="modularity",
         representatives_per_event=2, representatives_dtype="float32", device_event_cache_tokens=8192,
         positions="exact", host_memory_gib=16.0, host_memory_policy="evict", full_memory_at_prompt_end=False,
-        prompt_end_queries=0, prefill_budget_tokens=None,
+        prompt_end_queries=0, bounded_budget_tokens=None,
     )
     values.update(overrides)
     return SimpleNamespace(**values)
@@ -290,27 +290,20 @@ def test_selection_fills_the_budget_exactly_before_the_local_part():
     assert memory.stats.get("requests_tracked") == 0
 
 
-def test_prefill_chunks_attend_their_own_budget_and_decode_steps_the_retrieval_budget():
-    """``prefill_budget_tokens``: a prefill chunk's layers select (and attend) exactly that
-    many memory tokens, a decode step ``retrieval_budget_tokens``."""
+def test_decode_steps_past_the_trained_length_attend_the_bounded_budget():
+    """``bounded_budget_tokens``: with bounded positions a decode step selects (and
+    attends) that many memory tokens; with exact ones ``retrieval_budget_tokens``."""
     seq = Sequence(700)
-    config = settings(retrieval_budget_tokens=96, prefill_budget_tokens=48, min_event_tokens=4, max_event_tokens=16)
-    outputs, memory = run(seq, config, [400, 200, 1, 1])
-    request = memory.requests["r"]
-    budgets = {}
-    for done, n in ((602, 60), (662, 1)):
-        (plan,) = memory.plan_step([BatchRow("r", done, n, capacity=700)])
-        budgets[n] = plan.memory_tokens
+    for positions, want in (("exact", 48), ("bounded", 96)):
+        config = settings(retrieval_budget_tokens=48, bounded_budget_tokens=96, min_event_tokens=4,
+                          max_event_tokens=16, positions=positions)
+        _, memory = run(seq, config, [600, 1])
+        request = memory.requests["r"]
+        (plan,) = memory.plan_step([BatchRow("r", 601, 1, capacity=700)])
+        assert plan.frame == positions and plan.memory_tokens == want
         for layer in range(LAYERS):
-            (chosen,) = request.select(layer, plan, seq.q[layer][done : done + n]).to_dicts()
-            assert sum(chosen.values()) == plan.memory_tokens
-        memory.end_step([plan], seq.read)
-    assert budgets == {60: 48, 1: 96}
-    same, _ = run(seq, settings(retrieval_budget_tokens=96, min_event_tokens=4, max_event_tokens=16), [400, 200, 1, 1])
-    for layer in range(LAYERS):
-        # the first chunk has no memory yet; the second attends less of it; decode as much
-        torch.testing.assert_close(outputs[layer][:400], same[layer][:400])
-        assert not torch.allclose(outputs[layer][400:600], same[layer][400:600], atol=1e-4)
+            (chosen,) = request.select(layer, plan, seq.q[layer][601:602]).to_dicts()
+            assert sum(chosen.values()) == want
 
 
 def test_prefill_chunk_scores_with_its_last_queries_when_asked():

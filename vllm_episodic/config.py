@@ -46,11 +46,11 @@ class EpisodicConfig(BaseModel):
     retrieval_budget_tokens: int = Field(2048, ge=0, le=1 << 20)
     """Tokens of retrieved events attended per layer and step (similarity + contiguity)."""
 
-    prefill_budget_tokens: int | None = Field(None, ge=0, le=1 << 20)
-    """Tokens of retrieved events a prefill chunk attends per layer, at most
-    ``retrieval_budget_tokens`` (None: that budget). A chunk attends its own tokens
-    and the window exactly, and its cost grows with the budget for every one of its
-    queries, while the answer is decoded with ``retrieval_budget_tokens``."""
+    bounded_budget_tokens: int | None = Field(None, ge=0, le=1 << 20)
+    """Tokens of retrieved events a decode step attends per layer past the model's
+    trained length (bounded positions), at least ``retrieval_budget_tokens`` (None: that
+    budget). Memory placed at trained distances reads less well than in place, and
+    more of it helps there, while within the trained length it mostly distracts."""
 
     min_event_tokens: int = Field(8, ge=1, le=65536)
     """Smallest event; surprise boundaries closer than this are dropped."""
@@ -153,20 +153,24 @@ class EpisodicConfig(BaseModel):
                 f"(no retrieval) or at least max_event_tokens ({self.max_event_tokens}), "
                 "so that one event fits"
             )
-        if self.prefill_budget_tokens is not None and not (
-                self.max_event_tokens <= self.prefill_budget_tokens <= self.retrieval_budget_tokens):
+        if self.bounded_budget_tokens is not None and self.bounded_budget_tokens < self.retrieval_budget_tokens:
             raise ValueError(
-                f"prefill_budget_tokens ({self.prefill_budget_tokens}) must lie between "
-                f"max_event_tokens ({self.max_event_tokens}) and retrieval_budget_tokens "
-                f"({self.retrieval_budget_tokens})"
+                f"bounded_budget_tokens ({self.bounded_budget_tokens}) must be at least "
+                f"retrieval_budget_tokens ({self.retrieval_budget_tokens})"
             )
         if (self.device_event_cache_tokens is not None
-                and self.device_event_cache_tokens < self.retrieval_budget_tokens):
+                and self.device_event_cache_tokens < self.largest_budget):
             raise ValueError(
                 f"device_event_cache_tokens ({self.device_event_cache_tokens}) must be at "
-                f"least retrieval_budget_tokens ({self.retrieval_budget_tokens})"
+                f"least the largest retrieval budget ({self.largest_budget}: "
+                "retrieval_budget_tokens, bounded_budget_tokens)"
             )
         return self
+
+    @property
+    def largest_budget(self) -> int:
+        """The most retrieved-event tokens any step attends."""
+        return max(self.retrieval_budget_tokens, self.bounded_budget_tokens or 0)
 
     def bounded_span(self, block_size: int) -> int:
         """Largest distance a query sees in the bounded frame, prefill chunk excluded:
@@ -174,7 +178,7 @@ class EpisodicConfig(BaseModel):
         budget plus the cut event's tail), the window, the open event and the block
         alignment of the local part, and the anchor's drift."""
         sinks = -(-self.sink_tokens // block_size) * block_size
-        memory = self.retrieval_budget_tokens + self.max_event_tokens
+        memory = self.largest_budget + self.max_event_tokens
         return sinks + memory + self.max_event_tokens + self.window_tokens + block_size + BOUNDED_DRIFT
 
     def resolved(self, trained_len: int, max_model_len: int, block_size: int,
@@ -190,9 +194,9 @@ class EpisodicConfig(BaseModel):
         room = trained_len - sinks - self.window_tokens - self.max_event_tokens - block_size
         cache = self.device_event_cache_tokens
         if cache is None and device_is_host:
-            cache = self.retrieval_budget_tokens
+            cache = self.largest_budget
         elif cache is None:
-            cache = max(self.retrieval_budget_tokens, min(2 * self.retrieval_budget_tokens, room))
+            cache = max(self.largest_budget, min(2 * self.largest_budget, room))
         config = self.model_copy(update={"device_event_cache_tokens": cache})
         if self.positions != "exact" and max_model_len > trained_len:
             span = config.bounded_span(block_size)

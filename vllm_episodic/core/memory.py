@@ -80,7 +80,7 @@ class Settings(Protocol):
     sink_tokens: int
     window_tokens: int
     retrieval_budget_tokens: int
-    prefill_budget_tokens: int | None
+    bounded_budget_tokens: int | None
     retrieval_interval: int
     min_event_tokens: int
     max_event_tokens: int
@@ -126,18 +126,27 @@ class Layout:
     sinks: int
     cache_end: int
     max_memory: int
-    """largest number of memory tokens attended per step (budget, whole blocks)"""
-    prefill_memory: int
-    """the most a prefill chunk attends (its budget, whole blocks; at most max_memory)"""
+    """largest number of memory tokens attended per step (the largest budget, whole blocks)"""
+    decode_memory: int
+    """memory tokens a step attends with exact positions, and a prefill chunk (whole blocks)"""
+    bounded_memory: int
+    """memory tokens a decode step attends with bounded positions (whole blocks)"""
 
     @classmethod
     def of(cls, settings: Settings, block_size: int) -> Layout:
         sinks = _align_up(settings.sink_tokens, block_size)
-        max_memory = settings.retrieval_budget_tokens // block_size * block_size
-        prefill = settings.prefill_budget_tokens
-        prefill_memory = max_memory if prefill is None else min(max_memory, prefill // block_size * block_size)
+        decode = settings.retrieval_budget_tokens // block_size * block_size
+        bounded = (settings.bounded_budget_tokens or 0) // block_size * block_size
+        max_memory = max(decode, bounded)
         slots = _align_up(max(settings.device_event_cache_tokens, max_memory), block_size)
-        return cls(sinks=sinks, cache_end=sinks + slots, max_memory=max_memory, prefill_memory=prefill_memory)
+        return cls(sinks=sinks, cache_end=sinks + slots, max_memory=max_memory, decode_memory=decode,
+                   bounded_memory=max_memory)
+
+    def budget(self, frame: str, num_scheduled: int) -> int:
+        """Memory tokens a step of ``num_scheduled`` tokens attends in ``frame``: the
+        larger bounded budget is for decode steps only (a prefill chunk pays it for every
+        one of its queries, and it changed no answer there)."""
+        return self.bounded_memory if frame == "bounded" and num_scheduled == 1 else self.decode_memory
 
 
 @dataclass(frozen=True)
@@ -366,8 +375,7 @@ class RequestMemory:
             return "natural", 0, 0, 0, anchor, rewrite
         # the cache's blocks below local_start no longer hold needed tokens
         cache_slots = min(local_start, lay.cache_end) - lay.sinks
-        budget = lay.max_memory if num_scheduled == 1 else lay.prefill_memory
-        memory_tokens = min(budget, local_start - lay.sinks, cache_slots)
+        memory_tokens = min(lay.budget(frame, num_scheduled), local_start - lay.sinks, cache_slots)
         if reference:
             mode = "reference"
         elif frame == "exact" and self.open_start < lay.cache_end:
