@@ -292,7 +292,8 @@ def test_selection_fills_the_budget_exactly_before_the_local_part():
 
 def test_decode_steps_past_the_trained_length_attend_the_bounded_budget():
     """``bounded_budget_tokens``: with bounded positions a decode step selects (and
-    attends) that many memory tokens; with exact ones ``retrieval_budget_tokens``."""
+    attends) that many memory tokens, with exact ones ``retrieval_budget_tokens``; the
+    contiguity share is of the step's own budget."""
     seq = Sequence(700)
     for positions, want in (("exact", 48), ("bounded", 96)):
         config = settings(retrieval_budget_tokens=48, bounded_budget_tokens=96, min_event_tokens=4,
@@ -304,6 +305,10 @@ def test_decode_steps_past_the_trained_length_attend_the_bounded_budget():
         for layer in range(LAYERS):
             (chosen,) = request.select(layer, plan, seq.q[layer][601:602]).to_dicts()
             assert sum(chosen.values()) == want
+            # the contiguity queue holds its share of this step's budget, not of the largest
+            queue = request.contiguity[layer]
+            held = int(plan.available[queue[queue >= 0]].sum())
+            assert 0 < held <= int(0.3 * want)
 
 
 def test_prefill_chunk_scores_with_its_last_queries_when_asked():

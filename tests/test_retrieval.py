@@ -159,16 +159,19 @@ class RulesByHand:
         return top, selection
 
 
+@pytest.mark.parametrize("per_row", [False, True], ids=["one-capacity", "capacity-per-row"])
 @pytest.mark.parametrize("seed", range(6))
-def test_batched_retrieval_follows_the_rules_row_by_row(seed):
+def test_batched_retrieval_follows_the_rules_row_by_row(seed, per_row):
     """Rows of different lengths, budgets and queues, over several steps (the queues
     persist): every row chooses what the rules written out by hand choose, whether the
     rankings are read in full or only as deep as the budgets can need, also when many
-    scores tie (seeds 3-5: scores on a coarse grid, as bfloat16 rounding makes them)."""
+    scores tie (seeds 3-5: scores on a coarse grid, as bfloat16 rounding makes them),
+    with one queue capacity for all rows or each row its own."""
     rng = random.Random(seed)
     counts = [rng.randint(5, 60) for _ in range(5)]
-    capacity = rng.choice([0, 40, 90])
-    hands = [RulesByHand(capacity) for _ in counts]
+    capacities = [rng.choice([0, 40, 90]) for _ in counts] if per_row else [rng.choice([0, 40, 90])] * len(counts)
+    capacity = torch.tensor(capacities) if per_row else capacities[0]
+    hands = [RulesByHand(c) for c in capacities]
     queues = empty_queues(len(counts))
     width = max(counts)
     for _ in range(4):

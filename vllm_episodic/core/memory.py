@@ -714,9 +714,10 @@ def retrieve_rows(parts: list[tuple[RequestMemory, torch.Tensor, RowPlan, torch.
                        for _, layers, plan, _ in parts])
     budget = torch.cat([torch.full((len(layers),), plan.memory_tokens) for _, layers, plan, _ in parts])
     queues = stack_queues([memory.contiguity[layers] for memory, layers, *_ in parts])
-    settings, layout = parts[0][0].settings, parts[0][0].layout
+    share = parts[0][0].settings.contiguity_share
     most = max(most_events(plan.available, plan.memory_tokens) for _, _, plan, _ in parts)
-    chosen, queues = retrieve(scores, sizes, budget, queues, int(settings.contiguity_share * layout.max_memory), most)
+    # each row's contiguity share of its own budget (a step's budget depends on its kind)
+    chosen, queues = retrieve(scores, sizes, budget, queues, (share * budget).long(), most)
     selection = fill_budget(chosen, scores, sizes, budget, most)
     out, first = [], 0
     for memory, layers, plan, _ in parts:

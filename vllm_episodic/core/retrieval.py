@@ -171,7 +171,7 @@ def _member(events: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def retrieve(scores: torch.Tensor, sizes: torch.Tensor, budget: torch.Tensor, queues: torch.Tensor,
-             queue_tokens: int, most: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             queue_tokens: int | torch.Tensor, most: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Similarity picks and contiguity neighbours of every row, best first.
 
     Args:
@@ -180,7 +180,7 @@ def retrieve(scores: torch.Tensor, sizes: torch.Tensor, budget: torch.Tensor, qu
         budget: ``(rows,)`` tokens of events each row attends; similarity gets all of
             it but the queue's ``queue_tokens``.
         queues: ``[rows, width]`` each row's contiguity queue, newest first, -1 padded.
-        queue_tokens: the queues' capacity in tokens.
+        queue_tokens: the queues' capacity in tokens, for every row or ``(rows,)`` each row's.
         most: at least :func:`most_events` of every row for its budget (a top-k instead
             of a full sort); None: every event.
 
@@ -190,9 +190,10 @@ def retrieve(scores: torch.Tensor, sizes: torch.Tensor, budget: torch.Tensor, qu
     """
     rows, count = scores.shape
     # a prefix of the ranking: the best events while they fit the similarity budget
+    queue_tokens = torch.as_tensor(queue_tokens).expand(rows)
     order, taken = rank_within_budget(scores, sizes, (budget - queue_tokens).clamp(min=0)[:, None], most or count)
     top = _compact(order, taken)
-    if queue_tokens <= 0:
+    if not bool((queue_tokens > 0).any()):
         return top, queues
     size_of = _size_table(sizes)
     picked = _member(top, count)
@@ -215,7 +216,7 @@ def retrieve(scores: torch.Tensor, sizes: torch.Tensor, budget: torch.Tensor, qu
     candidates = torch.cat((fresh, old), 1)
     candidates = _compact(candidates, candidates >= 0)
     candidate_sizes = size_of.gather(1, _column(candidates, count))
-    room = torch.full((rows,), queue_tokens)
+    room = queue_tokens.clone()
     new_queues = _compact(candidates, greedy_fit(candidate_sizes, room))
 
     # the queue's events join the picks while they fit the budget
