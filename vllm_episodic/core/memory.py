@@ -126,11 +126,10 @@ class Layout:
     sinks: int
     cache_end: int
     max_memory: int
-    """largest number of memory tokens attended per step (the largest budget, whole blocks)"""
+    """largest number of memory tokens attended per step (the largest budget, whole blocks):
+    what a decode step attends with bounded positions"""
     decode_memory: int
     """memory tokens a step attends with exact positions, and a prefill chunk (whole blocks)"""
-    bounded_memory: int
-    """memory tokens a decode step attends with bounded positions (whole blocks)"""
 
     @classmethod
     def of(cls, settings: Settings, block_size: int) -> Layout:
@@ -139,14 +138,13 @@ class Layout:
         bounded = (settings.bounded_budget_tokens or 0) // block_size * block_size
         max_memory = max(decode, bounded)
         slots = _align_up(max(settings.device_event_cache_tokens, max_memory), block_size)
-        return cls(sinks=sinks, cache_end=sinks + slots, max_memory=max_memory, decode_memory=decode,
-                   bounded_memory=max_memory)
+        return cls(sinks=sinks, cache_end=sinks + slots, max_memory=max_memory, decode_memory=decode)
 
     def budget(self, frame: str, num_scheduled: int) -> int:
         """Memory tokens a step of ``num_scheduled`` tokens attends in ``frame``: the
         larger bounded budget is for decode steps only (a prefill chunk pays it for every
         one of its queries, and it changed no answer there)."""
-        return self.bounded_memory if frame == "bounded" and num_scheduled == 1 else self.decode_memory
+        return self.max_memory if frame == "bounded" and num_scheduled == 1 else self.decode_memory
 
 
 @dataclass(frozen=True)

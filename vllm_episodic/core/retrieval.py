@@ -216,8 +216,7 @@ def retrieve(scores: torch.Tensor, sizes: torch.Tensor, budget: torch.Tensor, qu
     candidates = torch.cat((fresh, old), 1)
     candidates = _compact(candidates, candidates >= 0)
     candidate_sizes = size_of.gather(1, _column(candidates, count))
-    room = queue_tokens.clone()
-    new_queues = _compact(candidates, greedy_fit(candidate_sizes, room))
+    new_queues = _compact(candidates, greedy_fit(candidate_sizes, queue_tokens))
 
     # the queue's events join the picks while they fit the budget
     used = size_of.gather(1, _column(top, count)).sum(1)
