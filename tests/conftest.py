@@ -37,11 +37,22 @@ def make_llm(model_dir):
         key = repr(sorted(kwargs.items()))
         if key not in cache:
             defaults = dict(model=model_dir, enforce_eager=True, max_model_len=8192, seed=0)
-            cache[key] = LLM(**{**defaults, **kwargs})
+            cache[key] = LLM(**{**defaults, **_small_kept_memory(kwargs)})
         return cache[key]
 
     yield make
     cache.clear()
+
+
+def _small_kept_memory(kwargs: dict) -> dict:
+    """Episodic engines keep finished requests' memories (a quarter of the host cap by
+    default, 4 GiB); the session holds many engines at once, so each keeps 0.25 GiB
+    unless its test sets another amount."""
+    if kwargs.get("attention_backend") != "episodic":
+        return kwargs
+    additional = dict(kwargs.get("additional_config") or {})
+    additional["episodic"] = {"kept_memory_gib": 0.25, **(additional.get("episodic") or {})}
+    return {**kwargs, "additional_config": additional}
 
 
 @pytest.fixture(scope="module")

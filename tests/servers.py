@@ -33,7 +33,7 @@ def free_port() -> int:
 
 # small window and cache: a 1.5K-token prompt already forms events
 SMALL = {"sink_tokens": 64, "window_tokens": 256, "retrieval_budget_tokens": 256,
-         "max_event_tokens": 64, "device_event_cache_tokens": 512}
+         "max_event_tokens": 64, "device_event_cache_tokens": 512, "kept_memory_gib": 0.25}
 
 
 def serve_args(model_dir: str, port: int, *extra: str) -> list[str]:
@@ -66,7 +66,8 @@ def metric(text: str, name: str) -> float:
 
 def metrics(server: str) -> dict[str, float]:
     text = get(server + "/metrics")
-    names = ("vllm_episodic_requests_tracked", "vllm_episodic_host_bytes", "vllm_episodic_tokens_held",
+    names = ("vllm_episodic_requests_tracked", "vllm_episodic_host_bytes", "vllm_episodic_kept_bytes",
+             "vllm_episodic_tokens_held",
              "vllm_episodic_device_cache_tokens", "vllm_episodic_events_created_total")
     return {name: metric(text, name) for name in names}
 

@@ -210,7 +210,8 @@ def test_concurrent_decodes_match_running_alone(make_llm):
         assert out.outputs[0].token_ids == alone[i], f"request {i} differs in the batch"
     assert stats.get("device_cache_misses") > assembled_before  # assembled attention ran
     flush_finished(llm)
-    assert runtime_of(llm).memory.requests == {} and stats.get("host_bytes") == 0
+    # what is left is kept for requests that share a prefix (test_prefix_reuse.py)
+    assert runtime_of(llm).memory.requests == {} and stats.get("host_bytes") == stats.get("kept_bytes")
 
 
 def test_chunked_prefills_keep_each_requests_memory(episodic):
@@ -259,12 +260,12 @@ def test_aborted_long_request_frees_its_memory(episodic):
     flush_finished(episodic)
     engine, runtime = episodic.llm_engine, runtime_of(episodic)
     engine.add_request("gone", _prompt(3000, seed=5), SamplingParams(temperature=0.0, max_tokens=50))
-    while runtime.stats.get("host_bytes") == 0:
+    while runtime.stats.get("tokens_held") == 0:
         engine.step()
-    assert runtime.stats.get("tokens_held") > 0
     engine.abort_request(["gone"])
     flush_finished(episodic)
-    assert runtime.memory.requests == {} and runtime.stats.get("host_bytes") == 0
+    assert runtime.memory.requests == {} and runtime.stats.get("tokens_held") == 0
+    assert runtime.stats.get("host_bytes") == runtime.stats.get("kept_bytes")
 
 
 def test_prompt_end_attends_all_of_memory_as_stock_does(episodic, make_llm, monkeypatch):

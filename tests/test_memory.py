@@ -718,9 +718,9 @@ def test_a_long_prefill_chunk_scores_with_its_end_and_queries_spread_over_it(las
 
 
 @pytest.mark.parametrize("queries, chunks, want", [
-    (60, [(560, 40), (600, 40)], [20, 40]),   # the question spans two chunks: both get their part
-    (8, [(560, 40), (600, 40)], [0, 8]),
-    (0, [(560, 40), (600, 40)], [0, 40]),     # 0: the chunk that ends the prompt, whole
+    (60, [(0, 560), (560, 40), (600, 40)], [0, 20, 40]),   # the question spans two chunks: both get their part
+    (8, [(0, 560), (560, 40), (600, 40)], [0, 0, 8]),
+    (0, [(0, 560), (560, 40), (600, 40)], [0, 0, 40]),     # 0: the chunk that ends the prompt, whole
 ])
 def test_the_prompts_last_tokens_are_its_end_in_whichever_chunk_they_fall(queries, chunks, want):
     shape = ModelShape(LAYERS, HEADS, KV_HEADS, DIM, torch.float32, 4096, BLOCK)

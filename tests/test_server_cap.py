@@ -19,17 +19,17 @@ PAGE_GIB = 2 * 30 * 3 * 4096 * 64 * 4 / 2**30  # one host-store page of SmolLM2 
 @pytest.fixture(scope="module")
 def server_settings():
     # room for one page: a request that formed memory fills the cap
-    return {**SMALL, "host_memory_gib": 1.5 * PAGE_GIB, "host_memory_policy": "reject"}
+    return {**SMALL, "host_memory_gib": 1.5 * PAGE_GIB, "kept_memory_gib": None, "host_memory_policy": "reject"}
 
 
 def test_new_requests_are_rejected_at_the_cap_and_served_after(server):
-    assert wait_idle(server)["vllm_episodic_host_bytes"] == 0
+    assert wait_idle(server)["vllm_episodic_tokens_held"] == 0
     body = {"model": "smollm2", "prompt": long_prompt(3000, 7), "max_tokens": 150, "ignore_eos": True,
             "temperature": 0}
     worker = threading.Thread(target=post, args=(server + "/v1/completions", body))
     worker.start()
     deadline = time.time() + 120
-    while metric(get(server + "/metrics"), "vllm_episodic_host_bytes") == 0:
+    while metric(get(server + "/metrics"), "vllm_episodic_tokens_held") == 0:
         assert time.time() < deadline and worker.is_alive(), "the first request never formed memory"
         time.sleep(0.2)
     status, text = post_status(server + "/v1/completions", {"model": "smollm2", "prompt": "Hi", "max_tokens": 4})

@@ -121,6 +121,14 @@ class EpisodicConfig(BaseModel):
     host_memory_gib: float = Field(16.0, gt=0.0, le=1 << 20)
     """Cap on host memory for the event store of the whole server, in GiB."""
 
+    kept_memory_gib: float | None = Field(None, ge=0.0, le=1 << 20)
+    """Host memory (GiB, part of ``host_memory_gib``) for *kept memories*: the memory of
+    finished requests, reused by later requests whose prompts start with the same
+    tokens (the next turn of a conversation, another question on one document), which
+    then prefill only what follows; the least recently used go first. Default: a
+    quarter of ``host_memory_gib``. 0, or vLLM's ``--no-enable-prefix-caching``, turns
+    reuse off."""
+
     host_memory_policy: Literal["reject", "evict"] = "reject"
     """At the cap: ``reject`` new requests, or ``evict`` least-recently-retrieved events."""
 
@@ -152,6 +160,11 @@ class EpisodicConfig(BaseModel):
                 f"retrieval_budget_tokens ({self.retrieval_budget_tokens}) must be 0 "
                 f"(no retrieval) or at least max_event_tokens ({self.max_event_tokens}), "
                 "so that one event fits"
+            )
+        if self.kept_memory_gib is not None and self.kept_memory_gib >= self.host_memory_gib:
+            raise ValueError(
+                f"kept_memory_gib ({self.kept_memory_gib}) must be less than host_memory_gib "
+                f"({self.host_memory_gib}): live requests need the rest"
             )
         if self.bounded_budget_tokens is not None and self.bounded_budget_tokens < self.retrieval_budget_tokens:
             raise ValueError(
@@ -197,7 +210,8 @@ class EpisodicConfig(BaseModel):
             cache = self.largest_budget
         elif cache is None:
             cache = max(self.largest_budget, min(2 * self.largest_budget, room))
-        config = self.model_copy(update={"device_event_cache_tokens": cache})
+        kept = self.host_memory_gib / 4 if self.kept_memory_gib is None else self.kept_memory_gib
+        config = self.model_copy(update={"device_event_cache_tokens": cache, "kept_memory_gib": kept})
         if self.positions != "exact" and max_model_len > trained_len:
             span = config.bounded_span(block_size)
             if span > trained_len:

@@ -26,7 +26,10 @@ ENV_DIR = "VLLM_EPISODIC_METRICS_DIR"
 METRICS: dict[str, tuple[str, str]] = {
     "requests_tracked": ("gauge", "Requests whose memory the backend currently holds."),
     "tokens_held": ("gauge", "Tokens held in episodic memory (host event store) for live requests."),
-    "host_bytes": ("gauge", "Host bytes used by the event store (keys, values, representatives)."),
+    "host_bytes": ("gauge", "Host bytes used by the event stores of live requests and kept memories (keys, values, representatives; a shared page once)."),
+    "kept_memories": ("gauge", "Finished requests' memories kept for requests that share their prefix."),
+    "kept_bytes": ("gauge", "Host bytes held by kept memories (pages they share once)."),
+    "tokens_reused": ("counter", "Prompt tokens not prefilled because a request attached to a kept memory."),
     "device_cache_tokens": ("gauge", "Event tokens resident in the device event caches."),
     "tokens_processed": ("counter", "Tokens whose attention the episodic backend computed."),
     "events_created": ("counter", "Events (episodes) formed from tokens leaving the local window."),

@@ -224,3 +224,26 @@ def _qa_sample(length: int, depth: float, count_tokens: Callable[[str], int], rn
     docs.insert(round(depth * len(docs)), paragraphs[gold])
     context = QA_PREAMBLE + "\n\n".join(f"Document {i + 1}:\n{d}" for i, d in enumerate(docs))
     return Sample("qa", length, depth, context, question, answers, match="any")
+
+
+def make_document(length: int, count: int, count_tokens: Callable[[str], int],
+                  seed: int = 0) -> tuple[str, list[tuple[str, str, float]]]:
+    """A natural-text document of about ``length`` tokens with ``count`` needles (distinct
+    keys) at depths spread evenly over 10–90%, for conversations that ask about one
+    needle per turn. Returns the context (with the NIAH preamble) and per needle
+    ``(key, value, depth)`` in depth order."""
+    rng = random.Random(f"document-{length}-{count}-{seed}")
+    keys: list[str] = []
+    while len(keys) < count:
+        if (k := _key(rng)) not in keys:
+            keys.append(k)
+    depths = [0.1 + 0.8 * i / max(1, count - 1) for i in range(count)]
+    needles = [(k, _number(rng), d) for k, d in zip(keys, depths)]
+    inserts = [(d, _needle(k, v)) for k, v, d in needles]
+    reserve = count_tokens(NIAH_PREAMBLE) + sum(count_tokens(" " + t) for _, t in inserts) + 8
+    haystack = _essay_haystack(rng, length - reserve, count_tokens)
+    return NIAH_PREAMBLE + _insert(haystack, inserts, " "), needles
+
+
+def needle_question(key: str) -> str:
+    return f"What is the special magic number for {key} mentioned in the provided text?"

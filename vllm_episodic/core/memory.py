@@ -54,13 +54,14 @@ import torch
 
 from vllm_episodic.core.attention import attention
 from vllm_episodic.core.event_cache import SlotTable
+from vllm_episodic.core.kept import KeptMemories, attach, keep, tail_start
 from vllm_episodic.core.refinement import key_similarity, refine_boundaries
 from vllm_episodic.core.representatives import mean_keys, representatives
 from vllm_episodic.core.retrieval import Selection, empty_queues, fill_budget, most_events, retrieve, stack_queues
 from vllm_episodic.core.rope import Rope
 from vllm_episodic.core.scoring import prompt_end_tokens, scoring_rows
 from vllm_episodic.core.segmentation import Segmenter
-from vllm_episodic.core.store import HostStore
+from vllm_episodic.core.store import HostStore, held_bytes
 from vllm_episodic.kernels import event_mass, gather_rotate, score_layer_events, token_mass
 from vllm_episodic.metrics import Stats
 
@@ -804,6 +805,7 @@ class EpisodicMemory:
         self.reference = reference
         self.layout = Layout.of(settings, shape.block_size)
         self.requests: dict[str, RequestMemory] = {}
+        self.kept = KeptMemories()
         # the step's rows that keep queries, as (memory, queries kept, last position), the
         # index of those queries in the step's flattened tokens, and what each layer gathered
         self._keeping: list[tuple[RequestMemory, int, int]] = []
@@ -829,10 +831,10 @@ class EpisodicMemory:
             memory = self.requests.get(row.req_id)
             if memory is None or row.num_computed < memory.num_tokens:
                 # new, or recomputed from scratch after preemption
-                memory = self.requests[row.req_id] = RequestMemory(
-                    row.req_id, s, self.shape, self.layout,
-                    max(row.capacity, row.num_computed + row.num_scheduled), self.stats, self.rope,
-                )
+                if row.num_computed > 0:
+                    raise ValueError(f"request {row.req_id} starts at token {row.num_computed} "
+                                     "without a kept memory to attach to")
+                memory = self.requests[row.req_id] = self._new_request(row)
             end = row.num_computed + row.num_scheduled
             mode, local_start, memory_tokens, cache_slots, anchor, rewrite = memory.plan(
                 self.frame_for(end), row.num_computed, row.num_scheduled, self.reference
@@ -868,6 +870,36 @@ class EpisodicMemory:
         self._begin_recording(plans)
         self.update_gauges()
         return plans
+
+    def _new_request(self, row: BatchRow) -> RequestMemory:
+        return RequestMemory(row.req_id, self.settings, self.shape, self.layout,
+                             max(row.capacity, row.num_computed + row.num_scheduled), self.stats, self.rope)
+
+    def keep(self, req_id: str, kept_id: str, token_ids: torch.Tensor,
+             read_tail: Callable[[RequestMemory, int, int], tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Keep a finished request's memory as ``kept_id`` (:mod:`.kept`).
+
+        Args:
+            token_ids: its computed tokens.
+            read_tail: ``(memory, start, end)`` -> keys (rotated) and values ``[num_layers,
+                end - start, num_kv_heads, head_size]`` of its tokens from the paged cache.
+        """
+        memory = self.requests.pop(req_id)
+        self.kept.add(kept_id, keep(memory, token_ids, read_tail(memory, tail_start(memory), memory.num_tokens)))
+        self.update_gauges()
+
+    def attach(self, row: BatchRow, kept_id: str, next_token: int | None) -> RequestMemory:
+        """A new request whose first ``row.num_computed`` tokens are those of a kept
+        memory: its memory as the kept one's at that token (:func:`.kept.attach`)."""
+        memory = self._new_request(row)
+        attach(memory, self.kept.get(kept_id), row.num_computed, next_token)
+        self.requests[row.req_id] = memory
+        self.stats.inc("tokens_reused", row.num_computed)
+        return memory
+
+    def drop_kept(self, kept_ids) -> None:
+        self.kept.drop(kept_ids)
+        self.update_gauges()
 
     def _begin_recording(self, plans: list[RowPlan]) -> None:
         """Which queries of the step :meth:`record_queries` gathers: the last
@@ -950,7 +982,9 @@ class EpisodicMemory:
         return read_tokens(plan, torch.arange(self.shape.num_layers), start, end)
 
     def host_bytes(self) -> int:
-        return sum(m.store.nbytes for m in self.requests.values() if m.store is not None)
+        """Host bytes of every live request's and kept memory (a shared page counts once)."""
+        stores = [m.store for m in self.requests.values()] + self.kept.stores()
+        return held_bytes(stores) + sum(kept.own_bytes for kept in self.kept.memories.values())
 
     def _make_host_room(self, needed: int) -> bool:
         """Stay under the host memory cap: drop the least recently retrieved pages of
@@ -990,7 +1024,9 @@ class EpisodicMemory:
         self.stats.set("requests_tracked", len(self.requests))
         stores = [m.store for m in self.requests.values() if m.store is not None]
         self.stats.set("tokens_held", sum(st.num_tokens for st in stores))
-        self.stats.set("host_bytes", sum(st.nbytes for st in stores))
+        self.stats.set("host_bytes", self.host_bytes())
+        self.stats.set("kept_memories", len(self.kept))
+        self.stats.set("kept_bytes", self.kept.nbytes())
 
     def update_slow_gauges(self) -> None:
         """Gauges that walk every cached event: call only before publishing."""

@@ -13,6 +13,11 @@ Pages are allocated as tokens arrive (pinned on CUDA) and can be dropped one by 
 (:meth:`evict_page`) when the server's host memory cap is reached; the events with
 tokens on a dropped page can no longer be retrieved. ``nbytes`` is the exact number of
 bytes held.
+
+A store can start as a prefix of another (:meth:`shared_prefix`: a request attached to a
+kept memory): it holds the other's pages read-only and copies a page only when it
+writes to it (copy-on-write); :func:`held_bytes` counts a page held by several stores
+once.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ class HostStore:
         self.pin_memory = pin_memory
         self.keys: list[torch.Tensor | None] = []
         self.values: list[torch.Tensor | None] = []
+        self.shared: set[int] = set()  # pages held read-only (another store's), copied on write
         self.evicted: set[int] = set()
         self.page_last_use = torch.zeros(0, dtype=torch.long)
         # scoring reads all of them at every retrieval: their dtype sets its bytes
@@ -54,6 +60,30 @@ class HostStore:
         self.evicted_tokens = 0
         self._page_bytes = 2 * num_layers * num_kv_heads * page_tokens * head_size * dtype.itemsize
         self._event_bytes = num_layers * rep_heads * head_size * reps_dtype.itemsize
+
+    def shared_prefix(self, num_events: int, end_token: int) -> HostStore:
+        """A store holding this one's first ``num_events`` events and tokens ``[0,
+        end_token)``: their pages are shared read-only (a write copies the page first);
+        representatives and event bounds are copied (a few bytes per event)."""
+        other = HostStore.__new__(HostStore)
+        other.__dict__.update(self.__dict__)
+        last = -(-end_token // self.page_tokens)
+        other.keys, other.values = self.keys[:last], self.values[:last]
+        other.shared = {p for p in range(len(other.keys)) if other.keys[p] is not None}
+        other.evicted = {p for p in self.evicted if p < last}
+        other.page_last_use = self.page_last_use[:last].clone()
+        other.reps = self.reps[:, :num_events].clone()
+        other.starts, other.ends = self.starts[:num_events].clone(), self.ends[:num_events].clone()
+        other.alive = self.alive[:num_events].clone()
+        other.num_events = num_events
+        other.end_token = end_token
+        other.evicted_tokens = sum(min(end_token, (p + 1) * self.page_tokens) - p * self.page_tokens
+                                   for p in other.evicted)
+        return other
+
+    def held_pages(self) -> list[torch.Tensor]:
+        """The key tensor of every held page (its identity names the page's storage)."""
+        return [page for page in self.keys if page is not None]
 
     @property
     def nbytes(self) -> int:
@@ -83,12 +113,17 @@ class HostStore:
                 raise IndexError(f"page {index} is not held")
             self.keys[index] = torch.empty(self.shape, dtype=self.dtype, pin_memory=self.pin_memory)
             self.values[index] = torch.empty(self.shape, dtype=self.dtype, pin_memory=self.pin_memory)
+        elif allocate and index in self.shared:
+            # copy-on-write: the page belongs to another store too
+            self.keys[index], self.values[index] = self.keys[index].clone(), self.values[index].clone()
+            self.shared.discard(index)
         return self.keys[index], self.values[index]
 
     def pages_needed(self, start: int, end: int) -> int:
-        """Pages that storing tokens ``[start, end)`` would allocate."""
+        """Pages that storing tokens ``[start, end)`` would allocate (a shared page is copied)."""
         first, last = start // self.page_tokens, (end - 1) // self.page_tokens
-        return sum(1 for p in range(first, last + 1) if p >= len(self.keys) or self.keys[p] is None)
+        return sum(1 for p in range(first, last + 1)
+                   if p >= len(self.keys) or self.keys[p] is None or p in self.shared)
 
     def write(self, layer: int | slice, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Store un-rotated ``keys``/``values`` ``[num_kv_heads, n, head_size]`` of tokens
@@ -184,6 +219,7 @@ class HostStore:
         this made unavailable."""
         self.keys[page] = None
         self.values[page] = None
+        self.shared.discard(page)
         self.evicted.add(page)
         lo, hi = page * self.page_tokens, (page + 1) * self.page_tokens
         self.evicted_tokens += max(0, min(hi, self.end_token) - lo)
@@ -191,3 +227,11 @@ class HostStore:
         hit = (self.starts[:count] < hi) & (self.ends[:count] > lo) & self.alive[:count]
         self.alive[:count] &= ~hit
         return int(hit.sum())
+
+
+def held_bytes(stores) -> int:
+    """Host bytes held by these stores together: every page once, however many stores
+    share it, plus each store's representatives."""
+    stores = [store for store in stores if store is not None]
+    pages = {id(page): store.page_bytes() for store in stores for page in store.held_pages()}
+    return sum(pages.values()) + sum(store.num_events * store.event_bytes() for store in stores)

@@ -4,7 +4,8 @@
 ``vllm.general_plugins`` entry point. It checks the vLLM release, then applies the
 patches documented in each module: ``selection`` (backend name, platform, config
 checks), ``kv_spec`` (a sink + window paged-KV spec), ``runner_hooks`` (request ids,
-finish/abort, surprise), ``rope_patch`` (RoPE table length), ``admission`` (503 at the
+finish/abort, surprise), ``prefix_reuse`` (kept memories: later requests sharing a
+prefix skip its prefill), ``rope_patch`` (RoPE table length), ``admission`` (503 at the
 host memory cap), and exposes our metrics
 on the process's prometheus registry.
 """
@@ -22,7 +23,7 @@ def register() -> None:
 
     check_vllm_version()
     from vllm_episodic import metrics
-    from vllm_episodic.integration import admission, kv_spec, runner_hooks, selection
+    from vllm_episodic.integration import admission, kv_spec, prefix_reuse, runner_hooks, selection
 
     kv_spec.register_spec()
     admission.install()
@@ -30,5 +31,6 @@ def register() -> None:
     selection.patch_platform()
     selection.patch_engine_args()
     runner_hooks.install()
+    prefix_reuse.install()
     metrics.register_collector()
     _registered = True

@@ -37,7 +37,9 @@ def set_budget(budget: HostBudget | None) -> None:
 
 
 def host_bytes_in_use() -> int:
-    return int(sum(s["values"].get("host_bytes", 0) for s in read_snapshots(metrics_dir())))
+    """Host bytes of live requests (kept memories have their own share of the cap)."""
+    values = [s["values"] for s in read_snapshots(metrics_dir())]
+    return int(sum(v.get("host_bytes", 0) - v.get("kept_bytes", 0) for v in values))
 
 
 def rejection(budget: HostBudget | None) -> str | None:

@@ -12,6 +12,10 @@ vLLM this spec for every layer (:func:`sink_window_spec`; the backend's
 ``customize_spec`` hook cannot be used: it gets no config); ``register()`` registers
 spec → manager in every process (the scheduler runs in the engine-core process).
 
+A request attached to a kept memory (``prefix_reuse.py``) arrives with its computed
+tokens as null blocks: the manager gives it fresh blocks for the sinks and for the
+window before its first new token (the worker restores their K/V), and nulls between.
+
 Removal: when vLLM has a sink-aware sliding-window spec.
 """
 
@@ -53,6 +57,42 @@ class SinkWindowManager(SlidingWindowManager):
     def __init__(self, kv_cache_spec: SinkWindowSpec, **kwargs) -> None:
         super().__init__(kv_cache_spec, **kwargs)
         self.sink_blocks = kv_cache_spec.sink_blocks
+
+    def _restored(self, new_computed_blocks, total_computed_tokens: int) -> tuple[int, int] | None:
+        """For an attached request (computed blocks all null): how many of its computed
+        blocks are sinks, and the first one in the window; None for any other request."""
+        if not new_computed_blocks or not all(block.is_null for block in new_computed_blocks):
+            return None
+        n = len(new_computed_blocks)
+        window_from = max(self.get_num_skipped_tokens(total_computed_tokens) // self.block_size, self.sink_blocks)
+        return min(self.sink_blocks, n), min(window_from, n)
+
+    def get_num_blocks_to_allocate(self, request_id, num_tokens, new_computed_blocks, total_computed_tokens,
+                                   *args, **kwargs) -> int:
+        blocks = super().get_num_blocks_to_allocate(request_id, num_tokens, new_computed_blocks,
+                                                    total_computed_tokens, *args, **kwargs)
+        restored = self._restored(new_computed_blocks, total_computed_tokens)
+        if restored is not None and not self.req_to_blocks.get(request_id):
+            sinks, window_from = restored
+            blocks += sinks + len(new_computed_blocks) - window_from
+        return blocks
+
+    def add_local_computed_blocks(self, request_id, new_computed_blocks, num_local_computed_tokens,
+                                  num_external_computed_tokens) -> None:
+        restored = self._restored(new_computed_blocks, num_local_computed_tokens + num_external_computed_tokens)
+        if restored is None:
+            return super().add_local_computed_blocks(request_id, new_computed_blocks, num_local_computed_tokens,
+                                                     num_external_computed_tokens)
+        sinks, window_from = restored
+        n = len(new_computed_blocks)
+        fresh = self.block_pool.get_new_blocks(sinks + n - window_from)
+        req_blocks = self.req_to_blocks[request_id]
+        assert not req_blocks
+        req_blocks.extend(fresh[:sinks])
+        req_blocks.extend([self._null_block] * (window_from - sinks))
+        req_blocks.extend(fresh[sinks:])
+        if self._record_new_block_ids:
+            self.new_block_ids.extend(block.block_id for block in fresh)
 
     def remove_skipped_blocks(self, request_id, processed_computed_tokens, num_prompt_tokens=None) -> None:
         skipped = self.get_num_skipped_tokens(processed_computed_tokens)

@@ -9,9 +9,10 @@ Patches (on ``GPUModelRunner``, whose methods the CPU runner inherits or calls):
    backend's ``customize_spec`` hook: it runs without a current config.
 2. ``_update_states``: it is where the worker learns the batch of each step and the
    requests that finished, were aborted or were preempted; the attention backend
-   needs both and vLLM passes neither to it. How: before the original runs, release
-   the memory of finished/preempted requests; after it, record the batch's request
-   ids (row order is final by then).
+   needs both and vLLM passes neither to it. How: before the original runs (the
+   finished requests' blocks still hold their window), keep or release the memory of
+   finished/preempted requests as the scheduler's ``episodic_ops`` say; after it,
+   record the batch's request ids (row order is final by then).
 
 Removal: when attention metadata carries request ids (the V2 runner's ``req_idx``)
 and backends get a request-finished callback.
@@ -60,11 +61,13 @@ def install() -> None:
         runtime = _runtime_of(self)
         if runtime is None:
             return original(self, scheduler_output)
+        # kept memories: what the scheduler decided (prefix_reuse.py)
+        ops = getattr(scheduler_output, "episodic_ops", None)
         gone = set(scheduler_output.finished_req_ids)
         gone.update(scheduler_output.preempted_req_ids or ())
-        runtime.on_requests_gone(gone)
+        runtime.on_requests_gone(gone, ops)
         result = original(self, scheduler_output)
-        runtime.on_batch_updated(self.input_batch.req_ids[: self.input_batch.num_reqs])
+        runtime.on_batch_updated(self.input_batch.req_ids[: self.input_batch.num_reqs], ops)
         return result
 
     _update_states._episodic = True

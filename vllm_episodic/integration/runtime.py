@@ -8,9 +8,13 @@ batch in it, and the builders find it with :func:`runtime_for`.
 
 A step, as the runtime sees it:
 
-1. ``_update_states`` hook: release finished/aborted/preempted requests, note the
-   batch's request ids (:meth:`on_requests_gone`, :meth:`on_batch_updated`);
-2. metadata build: :meth:`plan_step` plans every row (``EpisodicMemory.plan_step``);
+1. ``_update_states`` hook: keep or release finished/aborted/preempted requests, drop
+   the kept memories the scheduler dropped, note the batch's request ids and which new
+   ones attach to a kept memory (:meth:`on_requests_gone`, :meth:`on_batch_updated`;
+   ``prefix_reuse.py``);
+2. metadata build: :meth:`plan_step` attaches new requests to kept memories (restoring
+   their sinks and local window into their blocks), then plans every row
+   (``EpisodicMemory.plan_step``);
 3. the layers attend (``cpu_backend.EpisodicCPUImpl``);
 4. model-forward hook: surprise of the step's tokens, then ``EpisodicMemory.end_step``
    moves the tokens that left the window into events (:meth:`after_forward`);
@@ -24,6 +28,7 @@ import torch
 import time
 
 from vllm_episodic import envs
+from vllm_episodic.core.kept import kept_tokens
 from vllm_episodic.core.memory import BatchRow, EpisodicMemory, ModelShape, RowPlan, select_ahead, select_layer
 from vllm_episodic.core.retrieval import Selection
 from vllm_episodic.core.rope import Rope
@@ -115,6 +120,8 @@ class WorkerRuntime:
         # request ids of the batch that _update_states prepared, in row order;
         # consumed by the first metadata build of the step (dummy runs find None)
         self._pending_req_ids: list[str] | None = None
+        # request id -> (kept id, tokens): new requests that attach to a kept memory
+        self._attach: dict[str, tuple[str, int]] = {}
         self.plans: list[RowPlan] | None = None
         self._computing_surprise = False
         _runtimes[id(vllm_config)] = self
@@ -137,13 +144,56 @@ class WorkerRuntime:
 
     # ---- scheduler-side events ---------------------------------------------------
 
-    def on_batch_updated(self, req_ids: list[str]) -> None:
+    def on_batch_updated(self, req_ids: list[str], ops=None) -> None:
         self._pending_req_ids = list(req_ids)
+        if ops is not None:
+            self._attach.update(ops.attach)
 
-    def on_requests_gone(self, req_ids) -> None:
-        if req_ids:
-            self.memory.release(req_ids)
+    def on_requests_gone(self, req_ids, ops=None) -> None:
+        """Finished, aborted and preempted requests: keep those the scheduler keeps (while
+        their blocks still hold their window), release the others; then drop the kept
+        memories the scheduler dropped."""
+        keep = set(ops.keep) if ops is not None else set()
+        for req_id in keep:
+            self._keep(req_id)
+        gone = set(req_ids or ()) - keep
+        if gone:
+            self.memory.release(gone)
+        if ops is not None and ops.drop:
+            self.memory.drop_kept(ops.drop)
+        if req_ids or ops is not None:
             self.publish(force=True)
+
+    def _keep(self, req_id: str) -> None:
+        state = self.runner.requests[req_id]
+        memory = self.memory.requests[req_id]
+        tokens = torch.tensor((list(state.prompt_token_ids) + list(state.output_token_ids))[: memory.num_tokens])
+        block_row = torch.tensor(state.block_ids[0])
+        every = torch.arange(self.memory.shape.num_layers)
+        self.memory.keep(req_id, req_id, tokens,
+                         lambda _, start, end: self._read_row(block_row, every, start, end))
+
+    def _attach_row(self, row: BatchRow, kept_id: str, tokens: int, block_row: torch.Tensor) -> None:
+        """Attach a new request to a kept memory and restore what its first step reads
+        from the paged cache: natural K/V of its sinks and event-cache blocks, and of its
+        local part (the blocks between are null)."""
+        if row.num_computed != tokens:
+            raise RuntimeError(f"request {row.req_id} was to attach at token {tokens}, "
+                               f"its first step starts at {row.num_computed}")
+        prompt = self.runner.requests[row.req_id].prompt_token_ids
+        memory = self.memory.attach(row, kept_id, prompt[tokens] if tokens < len(prompt) else None)
+        kept = self.memory.kept.get(kept_id)
+        bs = self.layout.block_size
+        head = min(tokens, self.memory.layout.cache_end)
+        local = max(head, memory.open_start // bs * bs)
+        every = torch.arange(self.memory.shape.num_layers)
+        for start, end in ((0, head), (local, tokens)):
+            if end <= start:
+                continue
+            keys, values = kept_tokens(kept, self.rope, start, end)  # [layers, n, kv_heads, head_size]
+            slots = _token_slots(block_row, start, end, bs)
+            self.caches.write(self.isa, every[:, None], slots[None, :],
+                              keys.flatten(0, 1), values.flatten(0, 1))
 
     def publish(self, force: bool = False) -> None:
         if force or self.publisher.due():
@@ -163,6 +213,10 @@ class WorkerRuntime:
         query_lens = (qsl[1:] - qsl[:-1]).tolist()
         seq_lens = common_attn_metadata.seq_lens[:num_reqs].cpu().tolist()
         rows = [self._row(req_id, seq_len, q) for req_id, seq_len, q in zip(req_ids, seq_lens, query_lens)]
+        for index, row in enumerate(rows):
+            attach = self._attach.pop(row.req_id, None)
+            if attach is not None:
+                self._attach_row(row, *attach, common_attn_metadata.block_table_tensor[index])
         self.plans = self.memory.plan_step(rows, common_attn_metadata.block_table_tensor[:num_reqs])
         ahead = [plan for plan in self.plans if plan.memory.can_select_ahead(plan)]
         if ahead:
@@ -185,7 +239,10 @@ class WorkerRuntime:
     def read_tokens(self, plan: RowPlan, layers: torch.Tensor, start: int, end: int):
         """K/V ``[len(layers), end - start, num_kv_heads, head_size]`` of tokens
         [start, end) of a row from the layers' paged KV caches (one gather each)."""
-        slots = _token_slots(plan.block_row, start, end, self.layout.block_size)
+        return self._read_row(plan.block_row, layers, start, end)
+
+    def _read_row(self, block_row: torch.Tensor, layers: torch.Tensor, start: int, end: int):
+        slots = _token_slots(block_row, start, end, self.layout.block_size)
         key_at, value_at = slot_offsets(self.layout, slots, self.memory.shape.num_kv_heads)
         return self.caches.read(layers.view(-1, 1, 1, 1), key_at, value_at)
 

@@ -203,6 +203,8 @@ def _check_and_update_config(original, klass, vllm_config) -> None:
         trained = trained_len(model_config)
         config = config.resolved(trained, model_config.max_model_len, block_size,
                                  device_is_host=_platform_key() == "cpu")
+    if not vllm_config.cache_config.enable_prefix_caching:
+        config = config.model_copy(update={"kept_memory_gib": 0.0})
         if config.positions != "exact" and model_config.max_model_len > trained:
             _bound_prefill_chunk(vllm_config, trained - config.bounded_span(block_size))
     reasons = unsupported_feature_reasons(vllm_config)
@@ -217,7 +219,8 @@ def _check_and_update_config(original, klass, vllm_config) -> None:
     if not isinstance(vllm_config.additional_config, dict):
         raise EpisodicConfigError("--additional-config must be a JSON object")
     vllm_config.additional_config[ADDITIONAL_CONFIG_KEY] = config.model_dump()
-    # a prefix-cache hit would skip the prefill that surprise and events are made of
+    # vLLM's block hashing would share blocks the backend rewrites; prefixes are reused
+    # through kept memories instead (prefix_reuse.py)
     vllm_config.cache_config.enable_prefix_caching = False
 
 
@@ -247,7 +250,8 @@ def _set_host_budget(config: EpisodicConfig, model_config) -> None:
     kv_heads = model_config.get_total_num_kv_heads()
     per_token = 2 * layers * kv_heads * model_config.get_head_size() * model_config.dtype.itemsize
     admission.set_budget(admission.HostBudget(
-        cap_bytes=int(config.host_memory_gib * (1 << 30)), headroom_bytes=PAGE_TOKENS * per_token,
+        cap_bytes=int((config.host_memory_gib - config.kept_memory_gib) * (1 << 30)),
+        headroom_bytes=PAGE_TOKENS * per_token,
     ))
 
 

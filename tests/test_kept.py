@@ -1,0 +1,110 @@
+"""Kept memories without vLLM: a request attached to a finished request's memory at
+token h holds what a request that ran to h holds (events, representatives, host K/V),
+its store shares the kept pages until it writes, and shared pages count once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_memory import BLOCK, DIM, KV_HEADS, LAYERS, Sequence, run, settings
+from vllm_episodic.core.kept import kept_tokens
+from vllm_episodic.core.memory import BatchRow
+from vllm_episodic.core.store import HostStore, held_bytes
+
+
+def _keep(memory, seq, req_id="r", kept_id="k"):
+    """Keep a request of the simulated run (its "paged cache" is the sequence)."""
+    n = memory.requests[req_id].num_tokens
+    memory.keep(req_id, kept_id, torch.arange(n) % 97,
+                lambda _, start, end: seq.read(None, torch.arange(LAYERS), start, end))
+
+
+@pytest.mark.parametrize("h, reps, chunks", [
+    (128, 0, [100, 28]), (272, 0, [100, 172]), (400, 0, [100, 100, 200]), (400, 2, [300, *[1] * 100]),
+], ids=["before-any-event", "mid-prompt", "decode", "decode-observed-reps"])
+def test_attached_memory_is_the_memory_of_a_run_that_stopped_there(h, reps, chunks):
+    """Reference: the same request run to h alone. Mean-key representatives depend only
+    on an event's keys and segmentation not on chunking, so that run may chunk the
+    prompt differently; observed representatives (r > 0) depend on the queries before
+    the step that closed the event, so it repeats the builder's steps. Events,
+    representatives and host K/V: bitwise."""
+    seq = Sequence(420)
+    config = settings(representatives_per_event=reps)
+    _, reference = run(seq, config, chunks)
+    _, builder = run(seq, config, [300, *[1] * 120])
+    _keep(builder, seq)
+    attached = builder.attach(BatchRow("a", h, 1, capacity=420), "k", next_token=h % 97)
+    want = reference.requests["r"]
+    assert attached.num_tokens == h and attached.open_start == want.open_start
+    assert torch.equal(attached.surprise[:h], want.surprise[:h])
+    assert attached.surprise[h] == builder.kept.get("k").surprise[h]  # the kept request saw token h
+    if want.store is None:
+        assert attached.store is None
+        return
+    store, ref = attached.store, want.store
+    k = ref.num_events
+    assert store.num_events == k > 0
+    for name in ("starts", "ends", "alive"):
+        assert torch.equal(getattr(store, name)[:k], getattr(ref, name)[:k])
+    assert torch.equal(store.reps[:, :k], ref.reps[:, :k])
+    held = torch.arange(want.open_start)
+    for layer in range(LAYERS):
+        for got, expected in zip(store.gather(layer, held), ref.gather(layer, held)):
+            assert torch.equal(got, expected)
+
+
+def test_attached_stores_share_the_kept_pages_until_they_write():
+    seq = Sequence(420)
+    _, memory = run(seq, settings(), [400])
+    _keep(memory, seq)
+    kept = memory.kept.get("k").store
+    # bits, not values: a page's unwritten tail is uninitialised memory (NaN != NaN)
+    before = [page.clone().view(torch.int32) for page in kept.keys if page is not None]
+    a = memory.attach(BatchRow("a", 384, 1, capacity=600), "k", None)
+    b = memory.attach(BatchRow("b", 384, 1, capacity=600), "k", None)
+    # two attached requests add nothing but their event bounds and representatives
+    reps = sum(m.store.num_events * m.store.event_bytes() for m in (a, b))
+    assert memory.host_bytes() == memory.kept.nbytes() + reps
+    # a write goes to a copy of the page: the kept memory and the other request keep theirs
+    start = a.store.end_token
+    a.store.write(slice(None), start, torch.ones(LAYERS, KV_HEADS, 4, DIM), torch.ones(LAYERS, KV_HEADS, 4, DIM))
+    assert all(torch.equal(x, y.view(torch.int32)) for x, y in zip(before, (p for p in kept.keys if p is not None)))
+    assert b.store.keys[0] is kept.keys[0] and a.store.keys[0] is not kept.keys[0]
+    assert memory.host_bytes() == memory.kept.nbytes() + reps + a.store.page_bytes()
+    # dropping the kept memory leaves the attached requests their pages
+    memory.drop_kept(["k"])
+    assert len(memory.kept) == 0
+    assert torch.equal(b.store.gather(0, torch.arange(100))[0], kept.gather(0, torch.arange(100))[0])
+
+
+def test_kept_tokens_are_the_paged_caches_keys():
+    """What the engine restores into an attached request's blocks: the tail exactly as
+    the cache held it, stored tokens rotated back to their positions."""
+    seq = Sequence(420)
+    _, memory = run(seq, settings(), [400])
+    _keep(memory, seq)
+    kept = memory.kept.get("k")
+    assert 0 < kept.tail_start < 400
+    keys, values = kept_tokens(kept, seq.rope, 0, 400)
+    for layer in range(LAYERS):
+        tail = slice(kept.tail_start, 400)
+        assert torch.equal(keys[layer, tail], seq.k[layer][tail]) and torch.equal(values[layer, tail], seq.v[layer][tail])
+        torch.testing.assert_close(keys[layer], seq.k[layer][:400], atol=1e-5, rtol=1e-5)
+        assert torch.equal(values[layer], seq.v[layer][:400])
+
+
+def test_a_request_cannot_start_past_token_zero_without_a_kept_memory():
+    seq = Sequence(200)
+    _, memory = run(seq, settings(), [100])
+    with pytest.raises(ValueError, match="without a kept memory"):
+        memory.plan_step([BatchRow("new", 128, 10, capacity=200)])
+
+
+def test_shared_prefix_counts_pages_once():
+    store = HostStore(LAYERS, KV_HEADS, KV_HEADS, DIM, torch.float32, page_tokens=BLOCK)
+    store.add_events([(0, 16), (16, 40)])
+    store.write(slice(None), 0, torch.randn(LAYERS, KV_HEADS, 40, DIM), torch.randn(LAYERS, KV_HEADS, 40, DIM))
+    prefix = store.shared_prefix(1, 16)
+    assert prefix.num_events == 1 and prefix.end_token == 16 and len(prefix.held_pages()) == 1
+    assert held_bytes([store, prefix]) == store.nbytes + prefix.num_events * prefix.event_bytes()

@@ -1,0 +1,186 @@
+"""Kept memories in a real in-process engine (SmolLM2, float32): follow-up turns attach
+to the memory of the turn before and prefill only what follows it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import flush_finished, runtime_of, scheduler_of
+from vllm_episodic.workloads import filler_text
+
+pytestmark = pytest.mark.engine
+
+# the engine of test_episodic_engine.py (same arguments: the session builds it once)
+SMALL = {
+    "sink_tokens": 64, "window_tokens": 256, "retrieval_budget_tokens": 256,
+    "min_event_tokens": 8, "max_event_tokens": 64, "device_event_cache_tokens": 512,
+    "representatives_dtype": "float32", "full_memory_at_prompt_end": False,
+}
+
+
+@pytest.fixture(scope="module")
+def episodic(make_llm):
+    return make_llm(attention_backend="episodic", dtype="float32", max_num_batched_tokens=512,
+                    additional_config={"episodic": SMALL})
+
+
+def _index(llm):
+    """The scheduler's index of the engine's kept memories."""
+    return scheduler_of(llm).kv_cache_manager._episodic_index
+
+
+def _converse(llm, first: list[int], follow_ups: list[list[int]], max_tokens: int = 12):
+    """One conversation: each turn's prompt is the whole history (token ids). Returns
+    per turn (output token ids, prompt tokens vLLM reports as cached)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    history, turns = list(first), []
+    for follow_up in [None, *follow_ups]:
+        if follow_up is not None:
+            history += turns[-1][0] + follow_up
+        out = llm.generate([TokensPrompt(prompt_token_ids=history)], params, use_tqdm=False)[0]
+        turns.append((list(out.outputs[0].token_ids), out.num_cached_tokens))
+        flush_finished(llm)
+    return turns
+
+
+def _ids(llm, text: str) -> list[int]:
+    return llm.get_tokenizer()(text)["input_ids"]
+
+
+def test_conversations_that_fit_the_window_equal_stock_with_prefix_caching(episodic, make_llm):
+    """Ten conversations of three turns within sinks + window: every turn's tokens and
+    cached-prompt counts equal stock vLLM's with its prefix cache (each prompt fits one
+    prefill chunk of either engine)."""
+    stock = make_llm(dtype="float32")
+    for i in range(10):
+        first = _ids(stock, filler_text(120 + 8 * i, seed=80 + i) + " What happened next?")
+        assert 128 < len(first) < 300 - 40  # every turn fits sinks + window
+        follow_ups = [_ids(stock, " And then?"), _ids(stock, f" Say it in {i + 2} words.")]
+        want = _converse(stock, first, follow_ups)
+        got = _converse(episodic, first, follow_ups)
+        assert got == want, f"conversation {i}"
+        assert all(cached > 0 for _, cached in got[1:])
+    assert runtime_of(episodic).stats.get("tokens_reused") > 0
+
+
+def test_a_follow_up_turn_attaches_to_the_kept_memory(episodic, monkeypatch):
+    """Past the window: turn 2 prefills only what follows the block-aligned prefix it
+    shares with turn 1; the memory it attaches to holds the events, representatives and
+    host K/V of a fresh prefill of the same tokens (without reuse) over turn 1's prompt,
+    whose prefill chunks both runs share."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    first = _ids(episodic, filler_text(1100, seed=90) + " The special magic number is 74123. "
+                 + filler_text(200, seed=91) + " What is the special magic number?")
+    runtime = runtime_of(episodic)
+    ((answer, _),) = _converse(episodic, first, [])
+    kept = runtime.memory.kept.get(next(reversed(runtime.memory.kept.memories)))
+    assert kept.num_tokens == len(first) + len(answer) - 1
+    turn_two = first + answer + _ids(episodic, " Say it again.")
+    reused = runtime.stats.get("tokens_reused")
+    ((_, cached),) = _converse(episodic, turn_two, [])
+    assert cached == (len(turn_two) - 1) // 128 * 128 > len(first) - 128
+    assert runtime.stats.get("tokens_reused") - reused == cached
+
+    # the reference: the same engine prefilling turn 2 whole (no kept memory found)
+    monkeypatch.setattr(_index(episodic), "lookup", lambda *args: 0)
+    engine = episodic.llm_engine
+    engine.add_request("fresh", TokensPrompt(prompt_token_ids=turn_two), SamplingParams(temperature=0.0, max_tokens=1))
+    reference = None
+    while engine.has_unfinished_requests():
+        engine.step()
+        memory = next((m for r, m in runtime.memory.requests.items() if r.startswith("fresh")), None)
+        if memory is not None and memory.store is not None:
+            reference = memory.store
+    flush_finished(episodic)
+    store = kept.store
+    # the events that closed before turn 1's last prompt chunk: the same chunks made them
+    k = int((reference.ends[: reference.num_events] <= len(first) // 512 * 512 - SMALL["window_tokens"]).sum())
+    assert k > 10
+    assert torch.equal(store.starts[:k], reference.starts[:k]) and torch.equal(store.ends[:k], reference.ends[:k])
+    assert torch.equal(store.reps[:, :k], reference.reps[:, :k])
+    tokens = torch.arange(int(store.ends[k - 1]))
+    for layer in (0, 15, 29):
+        for got, want in zip(store.gather(layer, tokens), reference.gather(layer, tokens)):
+            assert torch.equal(got, want)
+
+
+def test_a_kept_memory_dropped_while_a_request_is_attached_loses_nothing(episodic, monkeypatch):
+    """Room for one kept memory: another request's finish drops the memory a running
+    request attached to; that request's output is what it is with room for both, and
+    nothing is left behind."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    runtime, index = runtime_of(episodic), _index(episodic)
+    document = _ids(episodic, filler_text(1100, seed=70) + " The code is 5521. What is the code?")
+    other = _ids(episodic, filler_text(700, seed=71))
+    engine = episodic.llm_engine
+
+    def follow_up(disturb: bool):
+        # turn 1 prefilled whole (prompt logprobs read no kept memory), then kept
+        engine.add_request("turn-1", TokensPrompt(prompt_token_ids=document),
+                           SamplingParams(temperature=0.0, max_tokens=4, prompt_logprobs=0))
+        while engine.has_unfinished_requests():
+            engine.step()
+        flush_finished(episodic)
+        attached_to = next(reversed(index.entries))
+        engine.add_request("turn-2", TokensPrompt(prompt_token_ids=document + _ids(episodic, " Again?")),
+                           SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))
+        engine.step()
+        if disturb:  # finishes (and is kept) while turn 2 decodes
+            engine.add_request("other", TokensPrompt(prompt_token_ids=other), SamplingParams(temperature=0.0, max_tokens=1))
+        out = None
+        while engine.has_unfinished_requests():
+            for result in engine.step():
+                if result.request_id == "turn-2" and result.finished:
+                    out = (list(result.outputs[0].token_ids), result.num_cached_tokens)
+        flush_finished(episodic)
+        return out, attached_to
+
+    (want, cached), _ = follow_up(False)
+    # room for one kept memory from now on: turn 1's finish drops every other one
+    monkeypatch.setattr(index, "cap_bytes", int(1.5 * index._estimate(len(document), 0)))
+    (got, got_cached), attached_to = follow_up(True)
+    assert cached == got_cached > 1000 and got == want
+    assert attached_to not in index.entries and attached_to not in runtime.memory.kept.memories
+    assert runtime.memory.requests == {}
+    assert runtime.memory.host_bytes() == runtime.memory.kept.nbytes()
+
+
+def test_an_aborted_attached_request_leaves_only_kept_memories(episodic):
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    runtime = runtime_of(episodic)
+    document = _ids(episodic, filler_text(900, seed=60))
+    _converse(episodic, document, [])
+    engine = episodic.llm_engine
+    engine.add_request("leaving", TokensPrompt(prompt_token_ids=document + _ids(episodic, " Next?")),
+                       SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True))
+    for _ in range(5):
+        engine.step()
+    assert runtime.memory.requests
+    engine.abort_request(["leaving"])
+    flush_finished(episodic)
+    assert runtime.memory.requests == {}
+    assert runtime.memory.host_bytes() == runtime.memory.kept.nbytes()
+
+
+def test_no_enable_prefix_caching_keeps_nothing(model_dir):
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_episodic.integration.prefix_reuse import _index_for
+
+    def config(**kwargs):
+        return EngineArgs(model=model_dir, attention_backend="episodic", enforce_eager=True,
+                          max_model_len=8192, **kwargs).create_engine_config()
+
+    assert _index_for(config()) is not None
+    off = config(enable_prefix_caching=False)
+    assert off.additional_config["episodic"]["kept_memory_gib"] == 0 and _index_for(off) is None
