@@ -55,12 +55,16 @@ def threads_binding(requested: str | None) -> str:
 
 @contextmanager
 def serve(model_dir: str, backend: str, max_model_len: int, episodic: dict | None = None,
-          extra: list[str] | None = None, threads_bind: str | None = None, kv_space_gib: int = 4):
-    """Run `vllm serve` (``backend``: ``stock`` or ``episodic``); yields the base URL."""
+          extra: list[str] | None = None, threads_bind: str | None = None, kv_space_gib: int = 4,
+          prefix_caching: bool = False):
+    """Run `vllm serve` (``backend``: ``stock`` or ``episodic``); yields the base URL.
+    Prefix caching (kept memories, for episodic) is off unless asked for: single
+    requests then measure their whole prefill."""
     port = free_port()
     args = [VLLM, "serve", model_dir, "--host", "127.0.0.1", "--port", str(port),
             "--served-model-name", "model", "--max-model-len", str(max_model_len),
-            "--enforce-eager", "--no-enable-prefix-caching", "--disable-log-stats"]
+            "--enforce-eager", "--disable-log-stats",
+            "--enable-prefix-caching" if prefix_caching else "--no-enable-prefix-caching"]
     if backend == "episodic":
         args += ["--attention-backend", "episodic", "--additional-config",
                  json.dumps({"episodic": episodic or {}})]

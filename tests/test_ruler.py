@@ -60,3 +60,16 @@ def test_qa_scores_any_reference_and_niah_every_value():
     assert qa.score("It is Bergen.") == 1.0 and qa.score("Oslo") == 0.0
     values = Sample("niah_multivalue", 10, 0.5, "", "", ("1", "2"))
     assert values.score("1 and 3") == 0.5
+
+
+def test_a_conversations_document_holds_one_needle_per_question_in_depth_order(count):
+    context, needles = ruler.make_document(3000, 5, count, seed=2)
+    assert 3000 - 160 <= count(context) <= 3000
+    assert [round(depth, 2) for *_, depth in needles] == [0.1, 0.3, 0.5, 0.7, 0.9]
+    assert len({key for key, *_ in needles}) == 5
+    places = [context.index(f"for {key} is: {value}.") for key, value, _ in needles]
+    assert places == sorted(places)
+    for (_, _, depth), place in zip(needles, places):
+        assert abs(place / len(context) - depth) < 0.08  # depth counts sentences, not characters
+    assert ruler.make_document(3000, 5, count, seed=2) == (context, needles)
+    assert ruler.make_document(3000, 5, count, seed=3)[0] != context
