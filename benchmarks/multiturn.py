@@ -12,8 +12,9 @@ holding one needle per question at depths spread over 10–90%:
 
 Per turn: time to first token (streamed), whether the answer holds the needle's value,
 prompt tokens, and how many of them were prefilled (prompt − cached, from
-``--enable-prompt-tokens-details``). Per cell: the episodic server's host bytes at
-their peak (``/metrics``, sampled while the cell runs) and held by kept memories.
+``--enable-prompt-tokens-details``). Per document, the episodic server's host bytes
+(``/metrics``, sampled): the peak a conversation added (multi-turn), the peak the reader
+added and then the peak the concurrent conversations added on top (multi-request).
 
     python benchmarks/multiturn.py --model qwen2.5-coder-0.5b --lengths 16384 \\
         --episodic '{"preset": "qwen2"}'
@@ -73,29 +74,34 @@ def ask(base: str, messages: list[dict], max_tokens: int) -> dict:
 
 
 class HostBytes:
-    """The episodic server's host bytes, sampled in the background: the peak while a
-    cell runs, and what kept memories hold at its end."""
+    """The episodic server's host bytes, sampled in the background while a phase runs:
+    ``added`` is the peak above what the server held when the phase began (kept
+    memories of earlier cells stay)."""
 
-    def __init__(self, base: str):
-        self.base, self.peak, self.stop = base, 0.0, threading.Event()
+    def __init__(self, base: str | None):
+        self.base, self.peak, self.added, self.stop = base, 0.0, 0.0, threading.Event()
         self.thread = threading.Thread(target=self._poll, daemon=True)
 
-    def _read(self, name: str) -> float:
-        return common.metric(common.get(self.base, "/metrics"), name) or 0.0
+    def _read(self) -> float:
+        return common.metric(common.get(self.base, "/metrics"), "vllm_episodic_host_bytes") or 0.0
 
     def _poll(self):
         while not self.stop.is_set():
-            self.peak = max(self.peak, self._read("vllm_episodic_host_bytes"))
-            time.sleep(0.5)
+            self.peak = max(self.peak, self._read())
+            time.sleep(0.25)
 
     def __enter__(self):
-        self.thread.start()
+        if self.base is not None:
+            self.start = self.peak = self._read()
+            self.thread.start()
         return self
 
     def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join()
-        self.kept = self._read("vllm_episodic_kept_bytes")
+        if self.base is not None:
+            self.stop.set()
+            self.thread.join()
+            self.peak = max(self.peak, self._read())
+            self.added = self.peak - self.start
 
 
 def turn_record(needle, reply: dict) -> dict:
@@ -105,31 +111,35 @@ def turn_record(needle, reply: dict) -> dict:
                                            for k, v in reply.items() if k != "text"}}
 
 
-def multi_turn(base: str, document: str, needles, args) -> list[dict]:
+def multi_turn(base: str, document: str, needles, args, metrics: str | None) -> tuple[list[dict], dict]:
     messages, turns = [], []
-    for i, needle in enumerate(needles[: args.turns]):
-        question = ruler.needle_question(needle[0])
-        messages.append({"role": "user", "content": (document + "\n\n" + question) if i == 0 else question})
-        reply = ask(base, messages, args.max_tokens)
-        messages.append({"role": "assistant", "content": reply["text"]})
-        turns.append(turn_record(needle, reply))
-        common.log(f"  turn {i + 1}: ttft {reply['ttft']:.2f} s, prefilled {reply['prefilled']} of "
-                   f"{reply['prompt_tokens']}, {'ok' if turns[-1]['correct'] else 'miss'} {reply['text'][:50]!r}")
-    return turns
+    with HostBytes(metrics) as host:
+        for i, needle in enumerate(needles[: args.turns]):
+            question = ruler.needle_question(needle[0])
+            messages.append({"role": "user", "content": (document + "\n\n" + question) if i == 0 else question})
+            reply = ask(base, messages, args.max_tokens)
+            messages.append({"role": "assistant", "content": reply["text"]})
+            turns.append(turn_record(needle, reply))
+            common.log(f"  turn {i + 1}: ttft {reply['ttft']:.2f} s, prefilled {reply['prefilled']} of "
+                       f"{reply['prompt_tokens']}, {'ok' if turns[-1]['correct'] else 'miss'} {reply['text'][:50]!r}")
+    return turns, {"host_bytes_added": host.added}
 
 
-def multi_request(base: str, document: str, needles, args) -> list[dict]:
+def multi_request(base: str, document: str, needles, args, metrics: str | None) -> tuple[list[dict], dict]:
+    """The reader alone (one conversation), then the others at once: host bytes each
+    phase added (the second on top of the reader's kept memory)."""
     def one(needle):
         return turn_record(needle, ask(base, [{"role": "user", "content": document + "\n\n"
                                                + ruler.needle_question(needle[0])}], args.max_tokens))
 
-    turns = [one(needles[0])]
-    with ThreadPoolExecutor(args.concurrent) as pool:
+    with HostBytes(metrics) as alone:
+        turns = [one(needles[0])]
+    with HostBytes(metrics) as together, ThreadPoolExecutor(args.concurrent) as pool:
         turns += list(pool.map(one, needles[1 : 1 + args.concurrent]))
     for i, t in enumerate(turns):
         common.log(f"  request {i + 1}: ttft {t['ttft']:.2f} s, prefilled {t['prefilled']} of "
                    f"{t['prompt_tokens']}, {'ok' if t['correct'] else 'miss'}")
-    return turns
+    return turns, {"host_bytes_reader": alone.added, "host_bytes_concurrent": together.added}
 
 
 def run_backend(backend: str, model_dir: str, documents: dict, args) -> dict:
@@ -144,11 +154,12 @@ def run_backend(backend: str, model_dir: str, documents: dict, args) -> dict:
                 cell = cells.setdefault(f"{mode}/{length}", {"documents": []})
                 for seed, (document, needles) in enumerate(docs):
                     common.log(f"{backend} {mode} {length} document {seed}")
-                    with HostBytes(base) as host:
-                        run = (multi_turn if mode == "multi-turn" else multi_request)(base, document, needles, args)
+                    metrics = base if backend == "episodic" else None
+                    run, host = (multi_turn if mode == "multi-turn" else multi_request)(
+                        base, document, needles, args, metrics)
                     entry = {"seed": seed, "turns": run}
                     if backend == "episodic":
-                        entry["host_bytes_peak"], entry["kept_bytes"] = host.peak, host.kept
+                        entry.update(host)
                     cell["documents"].append(entry)
     return cells
 
@@ -164,15 +175,19 @@ def summary(cell: dict) -> dict:
         "later_correct": sum(t["correct"] for t in later), "later_n": len(later),
         "later_prefilled": statistics.mean(t["prefilled"] for t in later) if later else None,
     }
-    peaks = [doc["host_bytes_peak"] for doc in cell["documents"] if "host_bytes_peak" in doc]
-    if peaks:
-        out["host_gib_peak"] = max(peaks) / 2**30
+    docs = cell["documents"]
+    if "host_bytes_added" in docs[0]:
+        out["host"] = f"{max(d['host_bytes_added'] for d in docs) / 2**30:.2f}"
+    elif "host_bytes_reader" in docs[0]:
+        # the reader's bytes against what the concurrent conversations added on top
+        out["host"] = " / ".join(f"{max(d[k] for d in docs) / 2**30:.2f}"
+                                 for k in ("host_bytes_reader", "host_bytes_concurrent"))
     return out
 
 
 def table(report: dict) -> str:
     lines = ["| mode | length | backend | turn 1 TTFT | later TTFT (median) | later prefilled | "
-             "turn 1 correct | later correct | host GiB (peak) |", "|---" * 9 + "|"]
+             "turn 1 correct | later correct | host GiB added |", "|---" * 9 + "|"]
     keys = sorted({k for b in ("stock", "episodic") for k in report.get(b, {})},
                   key=lambda k: (k.split("/")[0], int(k.split("/")[1])))
     for key in keys:
@@ -184,7 +199,7 @@ def table(report: dict) -> str:
             s = summary(cell)
             later = f"{s['later_ttft']:.2f} s" if s["later_ttft"] is not None else "-"
             prefilled = f"{s['later_prefilled']:.0f}" if s["later_prefilled"] is not None else "-"
-            host = f"{s['host_gib_peak']:.2f}" if "host_gib_peak" in s else "-"
+            host = s.get("host", "-")
             lines.append(f"| {mode} | {length} | {backend} | {s['first_ttft']:.1f} s | {later} | {prefilled} | "
                          f"{s['first_correct']}/{s['first_n']} | {s['later_correct']}/{s['later_n']} | {host} |")
     return "\n".join(lines)
