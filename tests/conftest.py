@@ -46,12 +46,12 @@ def make_llm(model_dir):
 
 def _small_kept_memory(kwargs: dict) -> dict:
     """Episodic engines keep finished requests' memories (a quarter of the host cap by
-    default, 4 GiB); the session holds many engines at once, so each keeps 0.25 GiB
-    unless its test sets another amount."""
+    default, 4 GiB); the session holds many engines at once, so an engine keeps none
+    unless its test's settings ask for some (``kept_memory_gib``)."""
     if kwargs.get("attention_backend") != "episodic":
         return kwargs
     additional = dict(kwargs.get("additional_config") or {})
-    additional["episodic"] = {"kept_memory_gib": 0.25, **(additional.get("episodic") or {})}
+    additional["episodic"] = {"kept_memory_gib": 0, **(additional.get("episodic") or {})}
     return {**kwargs, "additional_config": additional}
 
 

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.engine
 SMALL = {
     "sink_tokens": 64, "window_tokens": 256, "retrieval_budget_tokens": 256,
     "min_event_tokens": 8, "max_event_tokens": 64, "device_event_cache_tokens": 512,
-    "representatives_dtype": "float32", "full_memory_at_prompt_end": False,
+    "representatives_dtype": "float32", "full_memory_at_prompt_end": False, "kept_memory_gib": 0.25,
 }
 
 
