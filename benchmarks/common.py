@@ -128,6 +128,27 @@ def metric(text: str, name: str) -> float | None:
     return None
 
 
+def commit() -> str:
+    """The short commit of the checkout the benchmark runs from."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                              capture_output=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def write_report(out: Path, report: dict, merge: bool) -> None:
+    """Write a benchmark's report; with ``merge``, keep the cells of the file already at
+    ``out`` that this run did not measure (each cell names the run that measured it)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if merge and out.exists():
+        earlier = json.loads(out.read_text())
+        for backend in ("stock", "episodic"):
+            report[backend] = {**earlier.get(backend, {}), **report.get(backend, {})}
+    out.write_text(json.dumps(report, indent=1))
+    log(f"wrote {out}")
+
+
 def machine() -> str:
     """One line saying what the numbers were measured on."""
     cpu = "unknown CPU"

@@ -36,7 +36,6 @@ from urllib.parse import urlparse
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from quality import commit  # noqa: E402
 
 from vllm_episodic import ruler  # noqa: E402
 
@@ -232,7 +231,7 @@ def main() -> int:
     # each mode its own documents: a document read in one mode is in the other's cache
     documents = {n: {mode: [ruler.make_document(n, needles, count, seed=100 * m + s) for s in range(args.documents)]
                      for m, mode in enumerate(MODES)} for n in args.lengths}
-    report = {"benchmark": "multiturn", "model": args.model, "machine": common.machine(), "commit": commit(),
+    report = {"benchmark": "multiturn", "model": args.model, "machine": common.machine(), "commit": common.commit(),
               "command": "python " + shlex.join(sys.argv), "episodic_config": json.loads(args.episodic),
               "serve_args": args.serve_args, "date": time.strftime("%Y-%m-%d %H:%M"),
               "turns": args.turns, "concurrent": args.concurrent, "max_tokens": args.max_tokens}
@@ -245,12 +244,7 @@ def main() -> int:
     text = table(report)
     print(text)
     out = Path(args.out) if args.out else common.RESULTS / f"multiturn-{Path(args.model).name}.json"
-    if args.merge and out.exists():
-        earlier = json.loads(out.read_text())
-        for backend in ("stock", "episodic"):
-            report[backend] = {**earlier.get(backend, {}), **report.get(backend, {})}
-    out.write_text(json.dumps(report, indent=1))
-    common.log(f"wrote {out}")
+    common.write_report(out, report, args.merge)
     return 0
 
 

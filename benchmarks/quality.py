@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -102,14 +101,6 @@ def make_samples(args, count) -> list:
     return samples
 
 
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=common.ROOT, text=True,
-                              capture_output=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -153,7 +144,7 @@ def main() -> int:
         args.bands = sorted({ruler.band_of(s.depth) or "other" for s in samples})
     common.log(f"{len(samples)} prompts; backends {args.backends}")
     report = {"benchmark": "quality", "suite": args.suite, "model": args.model,
-              "machine": common.machine(), "commit": commit(),
+              "machine": common.machine(), "commit": common.commit(),
               "command": "python " + shlex.join(sys.argv),
               "episodic_config": json.loads(args.episodic), "serve_args": args.serve_args,
               "lengths": args.lengths, "tasks": args.tasks, "bands": args.bands, "samples": args.samples}
@@ -167,13 +158,7 @@ def main() -> int:
     text = table(report, args.tasks, args.lengths, args.backends, args.bands)
     print(text)
     out = Path(args.out) if args.out else common.RESULTS / f"quality-{args.suite}-{Path(args.model).name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if args.merge and out.exists():
-        earlier = json.loads(out.read_text())
-        for backend in ("stock", "episodic"):
-            report[backend] = {**earlier.get(backend, {}), **report.get(backend, {})}
-    out.write_text(json.dumps(report, indent=1))
-    common.log(f"wrote {out}")
+    common.write_report(out, report, args.merge)
     return 0
 
 
