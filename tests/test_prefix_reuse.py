@@ -7,20 +7,15 @@ import pytest
 import torch
 
 from helpers import flush_finished, runtime_of, scheduler_of
+from test_episodic_engine import SMALL
 from vllm_episodic.workloads import filler_text
 
 pytestmark = pytest.mark.engine
 
-# the engine of test_episodic_engine.py (same arguments: the session builds it once)
-SMALL = {
-    "sink_tokens": 64, "window_tokens": 256, "retrieval_budget_tokens": 256,
-    "min_event_tokens": 8, "max_event_tokens": 64, "device_event_cache_tokens": 512,
-    "representatives_dtype": "float32", "full_memory_at_prompt_end": False, "kept_memory_gib": 0.25,
-}
-
 
 @pytest.fixture(scope="module")
 def episodic(make_llm):
+    """The engine of test_episodic_engine.py (same arguments: the session builds it once)."""
     return make_llm(attention_backend="episodic", dtype="float32", max_num_batched_tokens=512,
                     additional_config={"episodic": SMALL})
 
