@@ -139,7 +139,9 @@ def _stored(store: HostStore, rope: Rope, start: int, end: int, like: torch.Tens
     values = torch.zeros_like(keys)
     positions = torch.arange(start, end)
     pages = positions // store.page_tokens
-    held = torch.tensor([p < len(store.keys) and store.keys[p] is not None for p in pages.tolist()], dtype=torch.bool)
+    last = int(pages[-1]) + 1
+    held_page = torch.tensor([p < len(store.keys) and store.keys[p] is not None for p in range(last)])
+    held = held_page[pages]
     at = positions[held]
     if at.numel():
         n = at.numel()

@@ -145,12 +145,10 @@ class KeptIndex:
         """Tokens of this new request's prompt that a kept memory holds (block-aligned,
         leaving at least one token to compute); remembers which memory."""
         self.found.pop(req_id, None)
-        limit = (len(tokens) - 1) // self.block_size
-        best, previous = None, 0
-        for i in range(limit):
-            block = tuple(tokens[i * self.block_size : (i + 1) * self.block_size])
-            previous = hash((previous, block))
-            owners = self.by_hash.get(previous)
+        limit = (len(tokens) - 1) // self.block_size * self.block_size
+        best = None
+        for i, h in enumerate(block_hashes(tokens[:limit], self.block_size)):
+            owners = self.by_hash.get(h)
             if not owners:
                 break
             best = (owners[-1], i + 1)
