@@ -61,6 +61,8 @@ def test_unknown_key_lists_the_valid_keys():
         ({"device_event_cache_tokens": 100}, ["device_event_cache_tokens", "retrieval_budget_tokens"]),
         ({"bounded_budget_tokens": 1024}, ["bounded_budget_tokens", "retrieval_budget_tokens"]),
         ({"bounded_budget_tokens": 4096, "device_event_cache_tokens": 2048}, ["device_event_cache_tokens", "4096"]),
+        ({"host_memory_gib": 2, "kept_memory_gib": 2}, ["kept_memory_gib", "less than host_memory_gib"]),
+        ({"kept_memory_gib": -1}, ["kept_memory_gib", "greater than or equal to 0"]),
     ],
 )
 def test_bad_values_name_the_field_and_what_it_accepts(values, fragments):
@@ -105,3 +107,8 @@ def test_default_event_cache_on_the_cpu_platform_is_the_budget():
     assert bounded.resolved(32768, 65536, 128, device_is_host=True).device_event_cache_tokens == 3072
     config = EpisodicConfig(device_event_cache_tokens=5000)
     assert config.resolved(8192, 65536, 128, device_is_host=True).device_event_cache_tokens == 5000
+
+
+def test_kept_memory_defaults_to_a_quarter_of_the_host_cap():
+    assert EpisodicConfig(host_memory_gib=8).resolved(8192, 8192, 128).kept_memory_gib == 2
+    assert EpisodicConfig(kept_memory_gib=0).resolved(8192, 8192, 128).kept_memory_gib == 0
