@@ -303,3 +303,31 @@ def test_one_head_with_huge_logits_does_not_outvote_heads_that_agree():
     dot = score_layer_events(query, reps, available)
     mass = event_mass(query[:, None], reps, available)
     assert int(dot.argmax()) == 5 and int(mass.argmax()) == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_mass_equals_per_head_softmax_over_tokens(dtype):
+    """Each event's share from every token's key: per query head and query a softmax over
+    all tokens (head h reads KV head h // 3), summed per event, the largest over the
+    queries, summed over heads — one head and query at a time in float64. More queries
+    than one pass takes (group 16), events of ragged sizes, an event with no tokens."""
+    from vllm_episodic.kernels import token_mass
+
+    g = torch.Generator().manual_seed(0)
+    m, heads, kv_heads, size, events = 20, 6, 2, 32, 9
+    queries = 3 * torch.randn(m, heads, size, generator=g)
+    counts = torch.tensor([5, 1, 30, 0, 12, 7, 2, 40, 3])
+    owner = torch.arange(events).repeat_interleave(counts)
+    keys = torch.randn(owner.numel(), kv_heads, size, generator=g).to(dtype)
+    want = torch.zeros(events, dtype=torch.float64)
+    for h in range(heads):
+        best = torch.zeros(events, dtype=torch.float64)
+        for j in range(m):
+            query = queries[j, h].to(dtype).double()
+            shares = (keys[:, h // 3].double() @ query / size**0.5).softmax(0)
+            best = torch.maximum(best, torch.zeros(events, dtype=torch.float64).index_add_(0, owner, shares))
+        want += best
+    got = token_mass(queries, keys, owner, events)
+    tolerance = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(got.double(), want, atol=tolerance, rtol=tolerance)
+    assert got[3] == 0
