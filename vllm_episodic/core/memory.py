@@ -689,7 +689,7 @@ class RequestMemory:
             codes = self.token_codes(selection, plan.frame)[0]
             parts.append(self.code_keys(layer, codes, plan.frame, plan.anchor, rope))
         parts.append((local_keys, local_values))
-        keys, values = (torch.cat([t.float() for t in kind]) for kind in zip(*parts))
+        keys, values = (torch.cat([t.to(query.dtype) for t in kind]) for kind in zip(*parts))
         # only the local part is causal: sinks and memory precede every query
         before = keys.shape[0] - local_keys.shape[0]
         positions = torch.cat((torch.full((before,), plan.local_start - 1), torch.arange(plan.local_start, plan.end)))
