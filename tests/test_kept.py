@@ -66,6 +66,10 @@ def test_attached_stores_share_the_kept_pages_until_they_write():
     # two attached requests add nothing but their event bounds and representatives
     reps = sum(m.store.num_events * m.store.event_bytes() for m in (a, b))
     assert memory.host_bytes() == memory.kept.nbytes() + reps
+    # storing again the bits a shared page holds copies nothing (an attached request
+    # storing the tokens it restored from its kept memory)
+    a.store.write(slice(None), 16, kept.keys[0][:, :, 16:26].clone(), kept.values[0][:, :, 16:26].clone())
+    assert a.store.keys[0] is kept.keys[0]
     # a write goes to a copy of the page: the kept memory and the other request keep theirs
     start = a.store.end_token
     a.store.write(slice(None), start, torch.ones(LAYERS, KV_HEADS, 4, DIM), torch.ones(LAYERS, KV_HEADS, 4, DIM))

@@ -16,8 +16,9 @@ bytes held.
 
 A store can start as a prefix of another (:meth:`shared_prefix`: a request attached to a
 kept memory): it holds the other's pages read-only and copies a page only when it
-writes to it (copy-on-write); :func:`held_bytes` counts a page held by several stores
-once.
+writes to it something the page does not hold already (copy-on-write; a request that
+re-stores the shared tokens it restored writes nothing); :func:`held_bytes` counts a
+page held by several stores once.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class HostStore:
         self.keys: list[torch.Tensor | None] = []
         self.values: list[torch.Tensor | None] = []
         self.shared: set[int] = set()  # pages held read-only (another store's), copied on write
+        self.shared_end = 0  # the shared pages hold the other store's tokens [0, shared_end)
         self.evicted: set[int] = set()
         self.page_last_use = torch.zeros(0, dtype=torch.long)
         # scoring reads all of them at every retrieval: their dtype sets its bytes
@@ -70,6 +72,7 @@ class HostStore:
         last = -(-end_token // self.page_tokens)
         other.keys, other.values = self.keys[:last], self.values[:last]
         other.shared = {p for p in range(len(other.keys)) if other.keys[p] is not None}
+        other.shared_end = self.end_token
         other.evicted = {p for p in self.evicted if p < last}
         other.page_last_use = self.page_last_use[:last].clone()
         other.reps = self.reps[:, :num_events].clone()
@@ -136,10 +139,18 @@ class HostStore:
             token = start + done
             page, offset = divmod(token, self.page_tokens)
             n = min(total - done, self.page_tokens - offset)
-            page_keys, page_values = self._page(page, allocate=True)
-            page_keys[layer, :, offset : offset + n].copy_(keys[..., done : done + n, :])
-            page_values[layer, :, offset : offset + n].copy_(values[..., done : done + n, :])
+            part_k, part_v = keys[..., done : done + n, :], values[..., done : done + n, :]
             done += n
+            if page in self.shared and token + n <= self.shared_end and all(
+                torch.equal(held[page][layer, :, offset : offset + n], part)
+                for held, part in ((self.keys, part_k), (self.values, part_v))
+            ):
+                # the shared page holds these very bits (an attached request storing
+                # the tokens restored from its kept memory): no copy
+                continue
+            page_keys, page_values = self._page(page, allocate=True)
+            page_keys[layer, :, offset : offset + n].copy_(part_k)
+            page_values[layer, :, offset : offset + n].copy_(part_v)
 
     def add_events(self, spans: list[tuple[int, int]]) -> range:
         """Append events (token ranges, after every stored event)."""
