@@ -148,6 +148,45 @@ def test_a_kept_memory_dropped_while_a_request_is_attached_loses_nothing(episodi
     assert runtime.memory.host_bytes() == runtime.memory.kept.nbytes()
 
 
+def test_a_preempted_attached_request_attaches_again_and_loses_nothing(episodic):
+    """An attached request preempted mid-decode (vLLM recomputes it) attaches to the
+    kept memory again when it resumes and completes; the kept memory is untouched (a
+    later identical request gives the output it gave before) and nothing leaks."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    runtime, engine, scheduler = runtime_of(episodic), episodic.llm_engine, scheduler_of(episodic)
+    document = _ids(episodic, filler_text(1100, seed=75) + " The code is 8812. What is the code?")
+    _converse(episodic, document, [])
+    prompt = TokensPrompt(prompt_token_ids=document + _ids(episodic, " Again?"))
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    ((want, cached),) = _converse(episodic, prompt["prompt_token_ids"], [], max_tokens=40)
+    kept = [m.store for m in runtime.memory.kept.memories.values()]
+    # bits, not values: a page's unwritten tail is uninitialised memory (NaN != NaN)
+    pages = [[page.clone().view(torch.uint8) for page in store.held_pages()] for store in kept]
+
+    reused = runtime.stats.get("tokens_reused")
+    engine.add_request("preempted", prompt, params)
+    got, steps, preemptions = None, 0, 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                got = list(out.outputs[0].token_ids)
+        steps += 1
+        if steps == 10:
+            assert engine.reset_prefix_cache(reset_running_requests=True)
+        for request in scheduler.running:
+            preemptions = max(preemptions, request.num_preemptions)
+    flush_finished(episodic)
+    assert preemptions == 1 and len(got) == 40
+    assert runtime.stats.get("tokens_reused") - reused == 2 * cached  # attached, and again on resume
+    assert runtime.memory.requests == {}
+    assert runtime.memory.host_bytes() == runtime.memory.kept.nbytes()
+    for store, before in zip(kept, pages):
+        assert all(torch.equal(a.view(torch.uint8), b) for a, b in zip(store.held_pages(), before))
+    assert _converse(episodic, prompt["prompt_token_ids"], [], max_tokens=40) == [(want, cached)]
+
+
 def test_an_aborted_attached_request_leaves_only_kept_memories(episodic):
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
