@@ -66,12 +66,14 @@ def test_attached_stores_share_the_kept_pages_until_they_write():
     # two attached requests add nothing but their event bounds and representatives
     reps = sum(m.store.num_events * m.store.event_bytes() for m in (a, b))
     assert memory.host_bytes() == memory.kept.nbytes() + reps
-    # storing again the bits a shared page holds copies nothing (an attached request
-    # storing the tokens it restored from its kept memory)
-    a.store.write(slice(None), 16, kept.keys[0][:, :, 16:26].clone(), kept.values[0][:, :, 16:26].clone())
+    # tokens before the attach point are the kept memory's: storing them again (the
+    # window the request restored, its bits rounded by the rotations) writes nothing
+    assert a.store.inherited == min(384, kept.end_token) > a.store.end_token
+    a.store.write(slice(None), 16, torch.ones(LAYERS, KV_HEADS, 10, DIM), torch.ones(LAYERS, KV_HEADS, 10, DIM))
     assert a.store.keys[0] is kept.keys[0]
-    # a write goes to a copy of the page: the kept memory and the other request keep theirs
-    start = a.store.end_token
+    # a write of its own goes to a copy of the page: the kept memory and the other
+    # request keep theirs
+    start = a.store.inherited
     a.store.write(slice(None), start, torch.ones(LAYERS, KV_HEADS, 4, DIM), torch.ones(LAYERS, KV_HEADS, 4, DIM))
     assert all(torch.equal(x, y.view(torch.int32)) for x, y in zip(before, (p for p in kept.keys if p is not None)))
     assert b.store.keys[0] is kept.keys[0] and a.store.keys[0] is not kept.keys[0]

@@ -103,7 +103,7 @@ def attach(memory: RequestMemory, kept: KeptMemory, h: int, next_token: int | No
         closed = int((store.ends[: store.num_events] <= h - settings.window_tokens).sum())
     if closed:
         open_start = int(store.ends[closed - 1])
-        memory.store = store.shared_prefix(closed, open_start)
+        memory.store = store.shared_prefix(closed, open_start, inherited=h)
         memory.segmenter.open_start = open_start
     memory.surprise[:h] = kept.surprise[:h]
     if h < kept.num_tokens and next_token == int(kept.token_ids[h]):

@@ -16,9 +16,10 @@ bytes held.
 
 A store can start as a prefix of another (:meth:`shared_prefix`: a request attached to a
 kept memory): it holds the other's pages read-only and copies a page only when it
-writes to it something the page does not hold already (copy-on-write; a request that
-re-stores the shared tokens it restored writes nothing); :func:`held_bytes` counts a
-page held by several stores once.
+writes to it (copy-on-write). Its tokens before the attach point are the other's, so
+storing them again writes nothing (the attached request stores the window it restored
+from the kept memory: those tokens must neither copy a page nor round its bits).
+:func:`held_bytes` counts a page held by several stores once.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class HostStore:
         self.keys: list[torch.Tensor | None] = []
         self.values: list[torch.Tensor | None] = []
         self.shared: set[int] = set()  # pages held read-only (another store's), copied on write
-        self.shared_end = 0  # the shared pages hold the other store's tokens [0, shared_end)
+        self.inherited = 0  # tokens [0, inherited) are held as another store stored them
         self.evicted: set[int] = set()
         self.page_last_use = torch.zeros(0, dtype=torch.long)
         # scoring reads all of them at every retrieval: their dtype sets its bytes
@@ -63,16 +64,18 @@ class HostStore:
         self._page_bytes = 2 * num_layers * num_kv_heads * page_tokens * head_size * dtype.itemsize
         self._event_bytes = num_layers * rep_heads * head_size * reps_dtype.itemsize
 
-    def shared_prefix(self, num_events: int, end_token: int) -> HostStore:
+    def shared_prefix(self, num_events: int, end_token: int, inherited: int = 0) -> HostStore:
         """A store holding this one's first ``num_events`` events and tokens ``[0,
         end_token)``: their pages are shared read-only (a write copies the page first);
-        representatives and event bounds are copied (a few bytes per event)."""
+        representatives and event bounds are copied (a few bytes per event). Writes of
+        tokens before ``inherited`` (and before this store's end) are ignored: the new
+        store's tokens there are this one's."""
         other = HostStore.__new__(HostStore)
         other.__dict__.update(self.__dict__)
         last = -(-end_token // self.page_tokens)
         other.keys, other.values = self.keys[:last], self.values[:last]
         other.shared = {p for p in range(len(other.keys)) if other.keys[p] is not None}
-        other.shared_end = self.end_token
+        other.inherited = min(inherited, self.end_token)
         other.evicted = {p for p in self.evicted if p < last}
         other.page_last_use = self.page_last_use[:last].clone()
         other.reps = self.reps[:, :num_events].clone()
@@ -132,25 +135,21 @@ class HostStore:
         """Store un-rotated ``keys``/``values`` ``[num_kv_heads, n, head_size]`` of tokens
         ``[start, start + n)`` for ``layer`` (or ``[layers, num_kv_heads, n, head_size]``
         for a slice of layers)."""
-        done = 0
         total = keys.shape[-2]
         self.end_token = max(self.end_token, start + total)
+        done = 0
         while done < total:
             token = start + done
             page, offset = divmod(token, self.page_tokens)
             n = min(total - done, self.page_tokens - offset)
-            part_k, part_v = keys[..., done : done + n, :], values[..., done : done + n, :]
-            done += n
-            if page in self.shared and token + n <= self.shared_end and all(
-                torch.equal(held[page][layer, :, offset : offset + n], part)
-                for held, part in ((self.keys, part_k), (self.values, part_v))
-            ):
-                # the shared page holds these very bits (an attached request storing
-                # the tokens restored from its kept memory): no copy
+            if token < self.inherited and page not in self.evicted:
+                # held already, as the store it came from stored it (shared_prefix)
+                done += min(n, self.inherited - token)
                 continue
             page_keys, page_values = self._page(page, allocate=True)
-            page_keys[layer, :, offset : offset + n].copy_(part_k)
-            page_values[layer, :, offset : offset + n].copy_(part_v)
+            page_keys[layer, :, offset : offset + n].copy_(keys[..., done : done + n, :])
+            page_values[layer, :, offset : offset + n].copy_(values[..., done : done + n, :])
+            done += n
 
     def add_events(self, spans: list[tuple[int, int]]) -> range:
         """Append events (token ranges, after every stored event)."""
