@@ -5,7 +5,7 @@ Builds N ``RequestMemory``s of ``--context`` random tokens (the default model's 
 a preset's settings, surprise and keys random), then times decode steps that retrieve
 with fresh random queries (every step; the engine retrieves every
 ``retrieval_interval``-th): the scoring GEMM of every request, the one retrieval over
-every (request, layer) row (:func:`vllm_episodic.core.memory.select_ahead` minus its
+every (request, layer) row (:func:`vllm_episodic.core.select.select_ahead` minus its
 scoring), and each request's cache codes and slot-table update. No vLLM needed.
 
     python benchmarks/retrieval_step.py --context 16000 --requests 1 4
@@ -30,8 +30,10 @@ sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
 
 from vllm_episodic.config import EpisodicConfig  # noqa: E402
-from vllm_episodic.core import memory as memory_module  # noqa: E402
-from vllm_episodic.core.memory import BatchRow, EpisodicMemory, ModelShape, select_ahead  # noqa: E402
+from vllm_episodic.core import request as request_module  # noqa: E402
+from vllm_episodic.core.memory import EpisodicMemory  # noqa: E402
+from vllm_episodic.core.plan import BatchRow, ModelShape  # noqa: E402
+from vllm_episodic.core.select import select_ahead  # noqa: E402
 from vllm_episodic.core.rope import Rope, rope_table  # noqa: E402
 from vllm_episodic.metrics import Stats  # noqa: E402
 
@@ -66,7 +68,7 @@ def measure(args, requests: int) -> dict:
     memory = build(args, requests)
     names = [f"r{r}" for r in range(requests)]
     scoring = [0.0]
-    score_ahead = memory_module.RequestMemory.score_ahead
+    score_ahead = request_module.RequestMemory.score_ahead
 
     def timed_score(self, plan):
         began = time.perf_counter()
@@ -75,7 +77,7 @@ def measure(args, requests: int) -> dict:
         finally:
             scoring[0] += time.perf_counter() - began
 
-    memory_module.RequestMemory.score_ahead = timed_score
+    request_module.RequestMemory.score_ahead = timed_score
     samples = {"scoring": [], "retrieval": [], "codes + slots": []}
     g = torch.Generator().manual_seed(1)
     try:
@@ -99,7 +101,7 @@ def measure(args, requests: int) -> dict:
             samples["retrieval"].append(retrieved - began - scoring[0])
             samples["codes + slots"].append(done - retrieved)
     finally:
-        memory_module.RequestMemory.score_ahead = score_ahead
+        request_module.RequestMemory.score_ahead = score_ahead
     events = memory.requests[names[0]].store.num_events
     return {"requests": requests, "events_per_request": events,
             **{k: statistics.median(v) * 1e3 for k, v in samples.items()}}

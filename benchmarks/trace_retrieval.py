@@ -32,6 +32,9 @@ import torch  # noqa: E402
 
 from vllm_episodic import ruler  # noqa: E402
 from vllm_episodic.core import memory as memory_module  # noqa: E402
+from vllm_episodic.core import plan as plan_module  # noqa: E402
+from vllm_episodic.core import request as request_module  # noqa: E402
+from vllm_episodic.core import select as select_module  # noqa: E402
 
 
 def needle_spans(prompt_ids: list[int], tokenizer, sample) -> list[tuple[int, int]]:
@@ -83,7 +86,7 @@ def main() -> int:
     sample = ruler.make_natural_sample(args.task, args.length, args.depth, count, seed=args.seed)
 
     calls, stores = [], {}
-    original_retrieve = memory_module.retrieve_rows
+    original_retrieve = select_module.retrieve_rows
     messages = [{"role": "user", "content": sample.context + "\n\n" + sample.question}]
     expected_ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
     if not isinstance(expected_ids, list):
@@ -119,12 +122,12 @@ def main() -> int:
     original_release = memory_module.EpisodicMemory.release
 
     decode_queries = []
-    original_ahead = memory_module.RequestMemory.score_ahead
+    original_ahead = request_module.RequestMemory.score_ahead
 
     def recording_ahead(self, plan):
         # every kept query (newest first), seen from memory `window` tokens away
         back = torch.arange(self.observed)
-        ring = self.observations[:, (self._ring_next - 1 - back) % memory_module.OBSERVATION_QUERIES]
+        ring = self.observations[:, (self._ring_next - 1 - back) % plan_module.OBSERVATION_QUERIES]
         angles = self.rope.angles(self.settings.window_tokens - (self.last_query_position - back))
         decode_queries.append((plan.num_computed, self.rope.apply(ring, *angles).float().clone()))
         return original_ahead(self, plan)
@@ -144,9 +147,9 @@ def main() -> int:
                                 "window": memory.settings.window_tokens}, args.dump)
         return original_release(self, req_ids)
 
-    memory_module.retrieve_rows = recording_retrieve
+    select_module.retrieve_rows = recording_retrieve
     memory_module.EpisodicMemory.release = recording_release
-    memory_module.RequestMemory.score_ahead = recording_ahead
+    request_module.RequestMemory.score_ahead = recording_ahead
 
     llm = LLM(model=model_dir, enforce_eager=True, max_model_len=args.length + 512, seed=0,
               attention_backend="episodic", max_num_batched_tokens=args.max_num_batched_tokens,

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from vllm_episodic.core.attention import attention
-from vllm_episodic.core.memory import (
-    OBSERVATION_QUERIES, BatchRow, EpisodicMemory, ModelShape, select_ahead, select_layer,
-)
+from vllm_episodic.core.memory import EpisodicMemory
+from vllm_episodic.core.plan import OBSERVATION_QUERIES, BatchRow, ModelShape
+from vllm_episodic.core.select import select_ahead, select_layer
 from vllm_episodic.core.retrieval import Selection
 from vllm_episodic.core.rope import Rope, rope_table
 from vllm_episodic.metrics import Stats

@@ -34,7 +34,7 @@ from vllm_episodic.core.store import HostStore, held_bytes
 from vllm_episodic.core.surprise import surprise_from_logits
 
 if TYPE_CHECKING:
-    from vllm_episodic.core.memory import RequestMemory
+    from vllm_episodic.core.request import RequestMemory
 
 
 @dataclass

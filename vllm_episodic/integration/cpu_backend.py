@@ -29,7 +29,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 from vllm.v1.attention.backend import CommonAttentionMetadata
 
-from vllm_episodic.core.memory import RowPlan
+from vllm_episodic.core.plan import RowPlan
 from vllm_episodic.integration import runtime as worker_runtime
 
 

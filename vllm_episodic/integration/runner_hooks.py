@@ -43,7 +43,7 @@ def install() -> None:
             return specs
         from vllm_episodic.integration.kv_spec import sink_window_spec
 
-        from vllm_episodic.core.memory import Layout
+        from vllm_episodic.core.plan import Layout
 
         config = episodic_config(self.vllm_config)
         kept = Layout.of(config, self.vllm_config.cache_config.block_size).cache_end

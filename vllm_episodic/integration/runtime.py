@@ -29,7 +29,9 @@ import time
 
 from vllm_episodic import envs
 from vllm_episodic.core.kept import kept_tokens
-from vllm_episodic.core.memory import BatchRow, EpisodicMemory, ModelShape, RowPlan, select_ahead, select_layer
+from vllm_episodic.core.memory import EpisodicMemory
+from vllm_episodic.core.plan import BatchRow, ModelShape, RowPlan
+from vllm_episodic.core.select import select_ahead, select_layer
 from vllm_episodic.core.retrieval import Selection
 from vllm_episodic.core.rope import Rope
 from vllm_episodic.core.surprise import surprise_from_logits, token_surprise
