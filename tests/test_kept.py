@@ -9,7 +9,7 @@ import torch
 
 from test_memory import BLOCK, DIM, KV_HEADS, LAYERS, Sequence, run, settings
 from vllm_episodic.core.kept import kept_tokens
-from vllm_episodic.core.memory import BatchRow
+from vllm_episodic.core.plan import BatchRow
 from vllm_episodic.core.store import HostStore, held_bytes
 
 
@@ -68,7 +68,7 @@ def test_attached_stores_share_the_kept_pages_until_they_write():
     assert memory.host_bytes() == memory.kept.nbytes() + reps
     # tokens before the attach point are the kept memory's: storing them again (the
     # window the request restored, its bits rounded by the rotations) writes nothing
-    assert a.store.inherited == min(384, kept.end_token) > a.store.end_token
+    assert a.store.inherited == min(384, kept.end_token) == a.store.end_token
     a.store.write(slice(None), 16, torch.ones(LAYERS, KV_HEADS, 10, DIM), torch.ones(LAYERS, KV_HEADS, 10, DIM))
     assert a.store.keys[0] is kept.keys[0]
     # a write of its own goes to a copy of the page: the kept memory and the other
@@ -107,6 +107,26 @@ def test_a_request_cannot_start_past_token_zero_without_a_kept_memory():
         memory.plan_step([BatchRow("new", 128, 10, capacity=200)])
 
 
+def test_inherited_tokens_past_the_last_event_are_held_across_a_page_boundary():
+    """The events of an attached store may end on one page (14) while its inherited
+    tokens (20) reach into the next: both pages are shared, the inherited tokens read as
+    the kept store's and storing them again copies nothing; a token of its own copies
+    only the page it lands on."""
+    store = HostStore(LAYERS, KV_HEADS, KV_HEADS, DIM, torch.float32, page_tokens=BLOCK)
+    store.add_events([(0, 14), (14, 30)])
+    store.write(slice(None), 0, torch.randn(LAYERS, KV_HEADS, 30, DIM), torch.randn(LAYERS, KV_HEADS, 30, DIM))
+    prefix = store.shared_prefix(1, 14, inherited=20)
+    same = lambda: [id(p) for p in prefix.held_pages()] == [id(p) for p in store.held_pages()]  # noqa: E731
+    assert prefix.end_token == 20 and len(store.held_pages()) == 2 and same()
+    prefix.write(slice(None), 14, torch.zeros(LAYERS, KV_HEADS, 6, DIM), torch.zeros(LAYERS, KV_HEADS, 6, DIM))
+    for got, want in zip(prefix.gather(1, torch.arange(20)), store.gather(1, torch.arange(20))):
+        assert torch.equal(got, want)
+    assert same()
+    prefix.write(slice(None), 20, torch.zeros(LAYERS, KV_HEADS, 2, DIM), torch.zeros(LAYERS, KV_HEADS, 2, DIM))
+    assert prefix.keys[0] is store.keys[0] and prefix.keys[1] is not store.keys[1]
+    assert torch.equal(prefix.gather(0, torch.arange(16, 22))[0][:4], store.gather(0, torch.arange(16, 20))[0])
+
+
 def test_shared_prefix_counts_pages_once():
     store = HostStore(LAYERS, KV_HEADS, KV_HEADS, DIM, torch.float32, page_tokens=BLOCK)
     store.add_events([(0, 16), (16, 40)])
@@ -114,3 +134,4 @@ def test_shared_prefix_counts_pages_once():
     prefix = store.shared_prefix(1, 16)
     assert prefix.num_events == 1 and prefix.end_token == 16 and len(prefix.held_pages()) == 1
     assert held_bytes([store, prefix]) == store.nbytes + prefix.num_events * prefix.event_bytes()
+

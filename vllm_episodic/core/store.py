@@ -65,25 +65,26 @@ class HostStore:
         self._event_bytes = num_layers * rep_heads * head_size * reps_dtype.itemsize
 
     def shared_prefix(self, num_events: int, end_token: int, inherited: int = 0) -> HostStore:
-        """A store holding this one's first ``num_events`` events and tokens ``[0,
-        end_token)``: their pages are shared read-only (a write copies the page first);
-        representatives and event bounds are copied (a few bytes per event). Writes of
-        tokens before ``inherited`` (and before this store's end) are ignored: the new
-        store's tokens there are this one's."""
+        """A store holding this one's first ``num_events`` events and its tokens before
+        ``max(end_token, inherited)`` (``inherited`` at most this store's end): their
+        pages are shared read-only (a write copies the page first); representatives and
+        event bounds are copied (a few bytes per event). Writes of tokens before
+        ``inherited`` are ignored: the new store's tokens there are this one's."""
         other = HostStore.__new__(HostStore)
         other.__dict__.update(self.__dict__)
-        last = -(-end_token // self.page_tokens)
+        other.inherited = min(inherited, self.end_token)
+        end = max(end_token, other.inherited)
+        last = -(-end // self.page_tokens)
         other.keys, other.values = self.keys[:last], self.values[:last]
         other.shared = {p for p in range(len(other.keys)) if other.keys[p] is not None}
-        other.inherited = min(inherited, self.end_token)
         other.evicted = {p for p in self.evicted if p < last}
         other.page_last_use = self.page_last_use[:last].clone()
         other.reps = self.reps[:, :num_events].clone()
         other.starts, other.ends = self.starts[:num_events].clone(), self.ends[:num_events].clone()
         other.alive = self.alive[:num_events].clone()
         other.num_events = num_events
-        other.end_token = end_token
-        other.evicted_tokens = sum(min(end_token, (p + 1) * self.page_tokens) - p * self.page_tokens
+        other.end_token = end
+        other.evicted_tokens = sum(min(end, (p + 1) * self.page_tokens) - p * self.page_tokens
                                    for p in other.evicted)
         return other
 
@@ -142,7 +143,7 @@ class HostStore:
             token = start + done
             page, offset = divmod(token, self.page_tokens)
             n = min(total - done, self.page_tokens - offset)
-            if token < self.inherited and page not in self.evicted:
+            if token < self.inherited:
                 # held already, as the store it came from stored it (shared_prefix)
                 done += min(n, self.inherited - token)
                 continue
