@@ -135,3 +135,28 @@ def test_shared_prefix_counts_pages_once():
     assert prefix.num_events == 1 and prefix.end_token == 16 and len(prefix.held_pages()) == 1
     assert held_bytes([store, prefix]) == store.nbytes + prefix.num_events * prefix.event_bytes()
 
+
+def test_kept_memories_yield_to_live_requests():
+    """The scheduler's index: once the running requests' bytes and the kept memories'
+    exceed the host cap, the least recently used kept memories go (not one a request
+    is about to attach to); a running request's bytes leave out the pages it shares
+    with the kept memory it attached to, while that one is kept."""
+    from vllm_episodic.core.store import PAGE_TOKENS as PAGE
+    from vllm_episodic.integration.prefix_reuse import KeptIndex
+
+    index = KeptIndex(block_size=128, cap_bytes=100 * PAGE, bytes_per_token=1, local_tokens=256,
+                      host_cap_bytes=10 * PAGE)
+    for k, name in enumerate("abc"):
+        index.register(name, [k] * (PAGE + 256))
+    index.take_ops(set(), set())  # the worker kept them
+    assert index.nbytes == 3 * (PAGE + 256)
+    assert index.lookup("next", [1] * (PAGE + 300)) == PAGE + 256  # pins b, now most recent
+    index.yield_to_live(7 * PAGE)
+    assert list(index.entries) == ["c", "b"] and index.take_ops(set(), {"next"}).drop == ["a"]
+    index.yield_to_live(9 * PAGE)
+    assert list(index.entries) == ["b"]  # pinned: b stays although it does not fit
+    index.attached["r"] = ("b", 2 * PAGE + 100)
+    assert index.live_bytes("r", 3 * PAGE + 256) == PAGE  # two of its three pages are b's
+    index.found.clear()
+    index.yield_to_live(10 * PAGE)
+    assert not index.entries and index.live_bytes("r", 3 * PAGE + 256) == 3 * PAGE

@@ -125,9 +125,10 @@ class EpisodicConfig(BaseModel):
     """Host memory (GiB, part of ``host_memory_gib``) for *kept memories*: the memory of
     finished requests, reused by later requests whose prompts start with the same
     tokens (the next turn of a conversation, another question on one document), which
-    then prefill only what follows; the least recently used go first. Default: a
-    quarter of ``host_memory_gib``. 0, or vLLM's ``--no-enable-prefix-caching``, turns
-    reuse off."""
+    then prefill only what follows. The most they may hold: the least recently used go
+    first beyond it, and whenever live requests need the room (kept memories yield to
+    them before a live request is rejected or loses pages). Default: a quarter of
+    ``host_memory_gib``. 0, or vLLM's ``--no-enable-prefix-caching``, turns reuse off."""
 
     host_memory_policy: Literal["reject", "evict"] = "reject"
     """At the cap: ``reject`` new requests, or ``evict`` least-recently-retrieved events."""

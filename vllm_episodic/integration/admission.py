@@ -37,7 +37,8 @@ def set_budget(budget: HostBudget | None) -> None:
 
 
 def host_bytes_in_use() -> int:
-    """Host bytes of live requests (kept memories have their own share of the cap)."""
+    """Host bytes of live requests (kept memories yield to them: the scheduler drops
+    the least recently used when live requests need the room, ``prefix_reuse.py``)."""
     values = [s["values"] for s in read_snapshots(metrics_dir())]
     return int(sum(v.get("host_bytes", 0) - v.get("kept_bytes", 0) for v in values))
 

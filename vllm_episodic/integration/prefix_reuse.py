@@ -15,7 +15,9 @@ How (engine-core process; the worker may be another process):
 
 1. ``Scheduler._free_request``: a finished (or aborted) request's computed tokens are
    registered in :class:`KeptIndex` under the chained hashes of their full blocks;
-   least recently used kept memories are dropped beyond ``kept_memory_gib``.
+   least recently used kept memories are dropped beyond ``kept_memory_gib``, and
+   whenever the running requests' host memory (estimated from their lengths) would
+   not fit ``host_memory_gib`` beside them: kept memories yield to live requests.
 2. ``KVCacheManager.get_computed_blocks``: a new request whose prompt starts with a
    kept memory's tokens (the longest match, block-aligned, at most prompt − 1) gets
    that many tokens as computed, as null blocks; :class:`SinkWindowManager` turns
@@ -76,9 +78,13 @@ def block_hashes(tokens, block_size: int) -> list[int]:
 class KeptIndex:
     """The scheduler's view of the worker's kept memories, least recently used first."""
 
-    def __init__(self, block_size: int, cap_bytes: int, bytes_per_token: int, local_tokens: int):
+    def __init__(self, block_size: int, cap_bytes: int, bytes_per_token: int, local_tokens: int,
+                 host_cap_bytes: int | None = None):
         self.block_size = block_size
         self.cap_bytes = cap_bytes
+        """the most kept memories may hold (``kept_memory_gib``)"""
+        self.host_cap_bytes = host_cap_bytes
+        """the cap of live requests and kept memories together (``host_memory_gib``)"""
         self.bytes_per_token = bytes_per_token
         self.local_tokens = local_tokens
         self.entries: OrderedDict[str, _Entry] = OrderedDict()
@@ -119,13 +125,33 @@ class KeptIndex:
         stored = max(0, tokens - tail - shared)
         return (tail + -(-stored // PAGE_TOKENS) * PAGE_TOKENS) * self.bytes_per_token
 
-    def _make_room(self, nbytes: int) -> None:
+    def _make_room(self, nbytes: int, cap: int | None = None) -> None:
+        """Drop least recently used kept memories (not those a request is about to
+        attach to) until ``nbytes`` more fit under ``cap`` (default ``cap_bytes``)."""
+        cap = self.cap_bytes if cap is None else cap
         pinned = {kept for kept, _ in self.found.values()} | {kept for kept, _ in self.pending.attach.values()}
         for kept_id in list(self.entries):
-            if self.nbytes + nbytes <= self.cap_bytes:
+            if self.nbytes + nbytes <= cap:
                 return
             if kept_id not in pinned:
                 self._drop(kept_id)
+
+    def live_bytes(self, req_id: str, tokens: int) -> int:
+        """Host bytes a running request of ``tokens`` tokens holds at most: its tokens
+        past the window, in whole pages, less the pages it shares with the kept memory
+        it attached to while that one is kept."""
+        stored = max(0, tokens - self.local_tokens)
+        parent = self.attached.get(req_id)
+        if parent is not None and parent[0] in self.entries:
+            stored = max(0, stored - parent[1] // PAGE_TOKENS * PAGE_TOKENS)
+        return -(-stored // PAGE_TOKENS) * PAGE_TOKENS * self.bytes_per_token
+
+    def yield_to_live(self, live_bytes: int) -> None:
+        """Drop kept memories (least recently used first) while they and the running
+        requests' ``live_bytes`` exceed the host cap: a live request never has its pages
+        evicted, nor is it rejected, for the sake of a kept memory."""
+        if self.host_cap_bytes is not None:
+            self._make_room(live_bytes, self.host_cap_bytes)
 
     def _drop(self, kept_id: str) -> None:
         entry = self.entries.pop(kept_id)
@@ -215,6 +241,10 @@ def install() -> None:
         output = original_schedule(self, *args, **kwargs)
         index = self.kv_cache_manager._episodic_index
         if index is not None:
+            # the running requests' host bytes once this step's tokens are computed
+            # (schedule() has already counted them in num_computed_tokens)
+            live = sum(index.live_bytes(req.request_id, req.num_computed_tokens) for req in self.running)
+            index.yield_to_live(live)
             scheduled = {req.req_id for req in output.scheduled_new_reqs}
             scheduled.update(output.scheduled_cached_reqs.resumed_req_ids or ())
             ops = index.take_ops(scheduled, set(self.requests))
@@ -243,4 +273,5 @@ def _index_for(vllm_config) -> KeptIndex | None:
                  * model.get_head_size() * model.dtype.itemsize)
     # a finished request's tail: sinks, window, the open event and the block alignment
     local = config.sink_tokens + config.window_tokens + config.max_event_tokens + 2 * vllm_config.cache_config.block_size
-    return KeptIndex(vllm_config.cache_config.block_size, int(config.kept_memory_gib * (1 << 30)), per_token, local)
+    return KeptIndex(vllm_config.cache_config.block_size, int(config.kept_memory_gib * (1 << 30)), per_token, local,
+                     host_cap_bytes=int(config.host_memory_gib * (1 << 30)))

@@ -250,7 +250,7 @@ def _set_host_budget(config: EpisodicConfig, model_config) -> None:
     kv_heads = model_config.get_total_num_kv_heads()
     per_token = 2 * layers * kv_heads * model_config.get_head_size() * model_config.dtype.itemsize
     admission.set_budget(admission.HostBudget(
-        cap_bytes=int((config.host_memory_gib - config.kept_memory_gib) * (1 << 30)),
+        cap_bytes=int(config.host_memory_gib * (1 << 30)),
         headroom_bytes=PAGE_TOKENS * per_token,
     ))
 
