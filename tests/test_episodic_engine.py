@@ -77,6 +77,17 @@ def test_surprise_matches_transformers(make_llm, model_dir):
     assert ours.max() > 5  # real values, not zeros
 
 
+def reference_engine(make_llm):
+    """The ``episodic`` engine's twin that attends every row in torch from the host
+    store (``VLLM_EPISODIC_REFERENCE``; seed 1 only to make it another engine)."""
+    os.environ["VLLM_EPISODIC_REFERENCE"] = "1"
+    try:
+        return make_llm(attention_backend="episodic", dtype="float32", max_num_batched_tokens=512,
+                        additional_config={"episodic": SMALL}, seed=1)
+    finally:
+        del os.environ["VLLM_EPISODIC_REFERENCE"]
+
+
 @pytest.mark.parametrize("interval", [1, 4])
 def test_assembled_attention_equals_the_torch_reference(episodic, make_llm, monkeypatch, interval):
     """The platform op over assembled block tables computes what the torch reference
@@ -97,12 +108,7 @@ def test_assembled_attention_equals_the_torch_reference(episodic, make_llm, monk
 
     params = SamplingParams(temperature=0.0, max_tokens=8, logprobs=0, ignore_eos=True)
     prompts = [_prompt(2400, seed=21), _prompt(1800, seed=22)]
-    os.environ["VLLM_EPISODIC_REFERENCE"] = "1"
-    try:
-        reference = make_llm(attention_backend="episodic", dtype="float32", max_num_batched_tokens=512,
-                             additional_config={"episodic": SMALL}, seed=1)
-    finally:
-        del os.environ["VLLM_EPISODIC_REFERENCE"]
+    reference = reference_engine(make_llm)
     assert runtime_of(reference).memory.reference and not runtime_of(episodic).memory.reference
     for llm in (episodic, reference):
         # the same engines (CI keeps every engine it builds; two more would not fit its

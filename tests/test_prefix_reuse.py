@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from helpers import flush_finished, runtime_of, scheduler_of
-from test_episodic_engine import SMALL
+from test_episodic_engine import SMALL, reference_engine
 from vllm_episodic.workloads import filler_text
 
 pytestmark = pytest.mark.engine
@@ -103,6 +103,28 @@ def test_a_follow_up_turn_attaches_to_the_kept_memory(episodic, monkeypatch):
     for layer in (0, 15, 29):
         for got, want in zip(store.gather(layer, tokens), reference.gather(layer, tokens)):
             assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("positions", ["exact", "bounded"])
+def test_an_attached_follow_up_attends_as_the_torch_reference(episodic, make_llm, monkeypatch, positions):
+    """A follow-up attached to a kept memory (its sinks and window restored into fresh
+    blocks; in the bounded frame its sinks re-rotated in place, its memory at a bounded
+    distance) gets from the platform op what the torch reference computes from the host
+    store: the same tokens, both attaching the same number of tokens."""
+    reference = reference_engine(make_llm)
+    for llm in (episodic, reference):
+        memory = runtime_of(llm).memory
+        monkeypatch.setattr(memory, "settings", memory.settings.model_copy(update={"positions": positions}))
+    # a document of its own per frame (the engines keep what the other frame's run kept)
+    seed = 77 if positions == "exact" else 78
+    document = _ids(episodic, filler_text(1300, seed=seed) + " The code is 3307. What is the code?")
+    turns = []
+    for llm in (episodic, reference):
+        reused = runtime_of(llm).stats.get("tokens_reused")
+        ((answer, _),) = _converse(llm, document, [])
+        turns.append(_converse(llm, document + answer + _ids(llm, " Once more, the code?"), [], max_tokens=24))
+        assert runtime_of(llm).stats.get("tokens_reused") - reused == turns[-1][0][1] > 1000
+    assert turns[0] == turns[1]
 
 
 def test_a_kept_memory_dropped_while_a_request_is_attached_loses_nothing(episodic, monkeypatch):
