@@ -6,7 +6,9 @@ holding one needle per question at depths spread over 10–90%:
 
 - ``multi-turn``: per document one conversation: the document and a question about one
   needle, then ``--turns - 1`` follow-ups, each about another needle, sent with the
-  whole history (the model's earlier answers included);
+  whole history: the model's earlier answers (``--history model``, what a user sends),
+  or the right ones (``--history gold``: every backend's turn reads the same history, so
+  its accuracy compares per question);
 - ``multi-request``: per document one request reads it (and asks about one needle),
   then ``--concurrent`` conversations ask about the other needles at once.
 
@@ -117,7 +119,8 @@ def multi_turn(base: str, document: str, needles, args, metrics: str | None) -> 
             question = ruler.needle_question(needle[0])
             messages.append({"role": "user", "content": (document + "\n\n" + question) if i == 0 else question})
             reply = ask(base, messages, args.max_tokens)
-            messages.append({"role": "assistant", "content": reply["text"]})
+            gold = f"The special magic number for {needle[0]} is {needle[1]}."
+            messages.append({"role": "assistant", "content": gold if args.history == "gold" else reply["text"]})
             turns.append(turn_record(needle, reply))
             common.log(f"  turn {i + 1}: ttft {reply['ttft']:.2f} s, prefilled {reply['prefilled']} of "
                        f"{reply['prompt_tokens']}, {'ok' if turns[-1]['correct'] else 'miss'} {reply['text'][:50]!r}")
@@ -150,7 +153,9 @@ def run_backend(backend: str, model_dir: str, documents: dict, args) -> dict:
         for length in sorted(documents):
             for mode in args.modes:
                 docs = documents[length][mode]
-                cell = cells.setdefault(f"{mode}/{length}", {"documents": []})
+                # a gold-history conversation is a cell of its own (--merge keeps both)
+                name = f"{mode}+gold" if mode == "multi-turn" and args.history == "gold" else mode
+                cell = cells.setdefault(f"{name}/{length}", {"documents": []})
                 for seed, (document, needles) in enumerate(docs):
                     common.log(f"{backend} {mode} {length} document {seed}")
                     metrics = base if backend == "episodic" else None
@@ -211,6 +216,8 @@ def main() -> int:
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--documents", type=int, default=2, help="documents (haystack offsets) per cell")
     parser.add_argument("--turns", type=int, default=5, help="multi-turn: the first turn and its follow-ups")
+    parser.add_argument("--history", default="model", choices=["model", "gold"],
+                        help="multi-turn: earlier turns' answers in the history, the model's or the right ones")
     parser.add_argument("--concurrent", type=int, default=4, help="multi-request: conversations at once")
     parser.add_argument("--backends", nargs="+", default=["stock", "episodic"], choices=["stock", "episodic"])
     parser.add_argument("--episodic", default="{}", help="episodic settings (JSON)")
@@ -234,7 +241,7 @@ def main() -> int:
     report = {"benchmark": "multiturn", "model": args.model, "machine": common.machine(), "commit": common.commit(),
               "command": "python " + shlex.join(sys.argv), "episodic_config": json.loads(args.episodic),
               "serve_args": args.serve_args, "date": time.strftime("%Y-%m-%d %H:%M"),
-              "turns": args.turns, "concurrent": args.concurrent, "max_tokens": args.max_tokens}
+              "turns": args.turns, "history": args.history, "concurrent": args.concurrent, "max_tokens": args.max_tokens}
     run = {key: report[key] for key in ("commit", "command", "episodic_config", "serve_args", "date")}
     for backend in args.backends:
         mine = {n: d for n, d in documents.items() if backend == "episodic" or n <= args.stock_max_len}
