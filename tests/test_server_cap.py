@@ -10,10 +10,11 @@ import time
 import pytest
 
 from servers import SMALL, get, long_prompt, metric, post, post_status, wait_idle
+from vllm_episodic.core.store import PAGE_TOKENS
 
 pytestmark = pytest.mark.server
 
-PAGE_GIB = 2 * 30 * 3 * 4096 * 64 * 4 / 2**30  # one host-store page of SmolLM2 in float32 (servers.serve_args)
+PAGE_GIB = 2 * 30 * 3 * PAGE_TOKENS * 64 * 4 / 2**30  # one host-store page of SmolLM2 in float32 (servers.serve_args)
 
 
 @pytest.fixture(scope="module")

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import torch
 
-#: tokens per page of the host store (the unit of allocation and eviction)
-PAGE_TOKENS = 4096
+#: tokens per page of the host store (the unit of allocation, eviction and copy-on-write:
+#: a request attached to a kept memory copies the page its own first tokens land on)
+PAGE_TOKENS = 1024
 
 
 class HostStore:
