@@ -36,6 +36,7 @@ def test_new_requests_are_rejected_at_the_cap_and_served_after(server):
     status, text = post_status(server + "/v1/completions", {"model": "smollm2", "prompt": "Hi", "max_tokens": 4})
     assert status == 503, text
     assert "episodic memory is full" in json.loads(text)["error"]["message"]
+    assert metric(get(server + "/metrics"), "vllm_episodic_requests_rejected_total") == 1
     worker.join(timeout=300)
     wait_idle(server)
     status, text = post_status(server + "/v1/completions", {"model": "smollm2", "prompt": "Hi", "max_tokens": 4})

@@ -66,6 +66,11 @@ class Stats:
         return self.values.get(name, 0.0)
 
 
+#: numbers counted in this process rather than a worker (the API server's admission
+#: check); the collector, which runs in the API server, adds them to the workers'
+local_stats = Stats()
+
+
 def metrics_dir() -> str:
     """The directory shared by this server's processes, created on first use."""
     path = os.environ.get(ENV_DIR)
@@ -147,7 +152,7 @@ class EpisodicCollector:
             HistogramMetricFamily,
         )
 
-        snapshots = read_snapshots(self.directory)
+        snapshots = read_snapshots(self.directory) + [{"values": local_stats.values, "buckets": {}}]
         total: dict[str, float] = {}
         buckets: dict[str, list[int]] = {}
         for snap in snapshots:

@@ -6,7 +6,8 @@ Why: with ``host_memory_policy: reject`` a request that would need host memory t
 server does not have must get a clear HTTP error instead of pushing the worker over
 its cap. The worker publishes its host bytes (``metrics.py``); this check reads them.
 How: after vLLM's own check passes, answer 503 when the workers' host bytes plus one
-page of the store exceed the cap. Requests already running are never cut: should
+page of the store exceed the cap, and count it (``requests_rejected``, this process's
+own number on ``/metrics``). Requests already running are never cut: should
 they outgrow the cap, the worker evicts their least recently retrieved pages.
 Removal: when vLLM has an admission hook for plugins.
 """
@@ -17,7 +18,7 @@ import functools
 from dataclasses import dataclass
 from http import HTTPStatus
 
-from vllm_episodic.metrics import metrics_dir, read_snapshots
+from vllm_episodic.metrics import local_stats, metrics_dir, read_snapshots
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ def install() -> None:
         reason = rejection(_budget)
         if reason is None:
             return None
+        local_stats.inc("requests_rejected")
         return self.create_error_response(
             message=reason, err_type="ServiceUnavailableError", status_code=HTTPStatus.SERVICE_UNAVAILABLE
         )
