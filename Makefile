@@ -1,6 +1,10 @@
 # The two set-up commands of README.md:
 #   make serve   install into .venv, fetch the default model, start `vllm serve` with episodic
 #   make test    install into .venv (with test tools) and run the tests
+# Benchmarks (stock and episodic in one run; results in benchmarks/results/, see docs/):
+#   make bench-quality | bench-throughput | bench-memory | bench-multiturn | bench-kernels
+#   with MODEL, EPISODIC and BENCH_ARGS (the script's own options), e.g.
+#   make bench-quality BENCH_ARGS="--lengths 8192 --tasks niah_single --samples 20"
 VENV          := .venv
 PY            := $(VENV)/bin/python
 MODEL         ?= smollm2-135m
@@ -13,8 +17,9 @@ KV_SPACE      ?= 2
 THREADS_BIND  ?= 0-$(shell expr $$(nproc) - 1)
 EPISODIC      ?= {"preset": "smollm2"}
 SERVE_ARGS    ?=
+BENCH_ARGS    ?=
 
-.PHONY: install install-test serve test bench-quality bench-throughput bench-memory bench-kernels
+.PHONY: install install-test serve test bench-quality bench-throughput bench-memory bench-multiturn bench-kernels
 
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml install/cpu.sh
@@ -36,3 +41,9 @@ serve: install
 
 test: install-test
 	$(PY) -m pytest
+
+bench-quality bench-throughput bench-memory bench-multiturn: bench-%: install
+	$(PY) benchmarks/$*.py --model $(MODEL) --episodic '$(EPISODIC)' $(BENCH_ARGS)
+
+bench-kernels: install
+	$(PY) benchmarks/kernels.py $(BENCH_ARGS)
