@@ -11,8 +11,6 @@ torch and Triton.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from vllm_episodic.kernels.block_attention import block_attention_reference
 from vllm_episodic.kernels.gather import gather_rotate_reference
@@ -27,6 +25,8 @@ from vllm_episodic.kernels.score import (
     token_mass_reference,
 )
 
+from vllm_episodic import envs
+
 try:
     import triton  # noqa: F401
 
@@ -40,7 +40,7 @@ __all__ = ["Prefetcher", "block_attention", "event_mass", "gather_rotate", "rank
 
 def uses_triton(tensor: torch.Tensor) -> bool:
     """Whether work on ``tensor`` goes to the Triton kernels."""
-    return tensor.is_cuda and HAS_TRITON and os.environ.get("VLLM_EPISODIC_TORCH_KERNELS", "0") != "1"
+    return tensor.is_cuda and HAS_TRITON and not envs.get("VLLM_EPISODIC_TORCH_KERNELS")
 
 
 def score_events(query, reps, owner, available) -> torch.Tensor:

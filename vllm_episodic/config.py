@@ -22,7 +22,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from vllm_episodic.core.plan import REANCHOR as BOUNDED_DRIFT
+from vllm_episodic.core.constants import REANCHOR as BOUNDED_DRIFT
 
 #: the key of ``--additional-config`` that holds our settings
 ADDITIONAL_CONFIG_KEY = "episodic"

@@ -19,8 +19,9 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
+from vllm_episodic import envs
+
 PREFIX = "vllm_episodic_"
-ENV_DIR = "VLLM_EPISODIC_METRICS_DIR"
 
 # name -> (kind, help); the one table of our metrics
 METRICS: dict[str, tuple[str, str]] = {
@@ -73,12 +74,12 @@ local_stats = Stats()
 
 def metrics_dir() -> str:
     """The directory shared by this server's processes, created on first use."""
-    path = os.environ.get(ENV_DIR)
+    path = envs.get(envs.METRICS_DIR)
     if path:
         os.makedirs(path, exist_ok=True)
         return path
     path = tempfile.mkdtemp(prefix="vllm-episodic-metrics-")
-    os.environ[ENV_DIR] = path
+    os.environ[envs.METRICS_DIR] = path  # inherited by the processes it spawns
     creator = os.getpid()
     atexit.register(lambda: os.getpid() == creator and shutil.rmtree(path, ignore_errors=True))
     return path

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -23,6 +22,8 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from vllm_episodic import envs
 
 
 @dataclass(frozen=True)
@@ -57,10 +58,9 @@ DEFAULT_MODEL = "smollm2-135m"
 
 def cache_root() -> Path:
     """Where converted models live: $VLLM_EPISODIC_MODELS, else the XDG cache."""
-    if env := os.environ.get("VLLM_EPISODIC_MODELS"):
+    if env := envs.get("VLLM_EPISODIC_MODELS"):
         return Path(env)
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    return Path(xdg) / "vllm-episodic" / "models"
+    return Path(envs.get("XDG_CACHE_HOME")) / "vllm-episodic" / "models"
 
 
 def model_dir(name: str) -> Path:

@@ -60,6 +60,7 @@ from vllm_episodic.core.plan import (
     ModelShape,
     RowPlan,
     Settings,
+    StatsSink,
     TokenReader,
 )
 from vllm_episodic.core.refinement import key_similarity, refine_boundaries
@@ -67,13 +68,12 @@ from vllm_episodic.core.request import RequestMemory, whole_selection
 from vllm_episodic.core.rope import Rope
 from vllm_episodic.core.scoring import prompt_end_tokens, scoring_rows
 from vllm_episodic.core.store import held_bytes
-from vllm_episodic.metrics import Stats
 
 
 class EpisodicMemory:
     """The requests of one worker, created on first sight and freed on release."""
 
-    def __init__(self, settings: Settings, shape: ModelShape, rope: Rope, stats: Stats,
+    def __init__(self, settings: Settings, shape: ModelShape, rope: Rope, stats: StatsSink,
                  reference: bool = False):
         self.settings = settings
         self.shape = shape

@@ -11,17 +11,23 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from vllm_episodic.core.constants import NATURAL, OBSERVATION_QUERIES, REANCHOR
 from vllm_episodic.core.retrieval import Selection
 
 if TYPE_CHECKING:
     from vllm_episodic.core.request import RequestMemory
 
-#: recent queries per layer that decide an event's representatives
-OBSERVATION_QUERIES = 32
-#: how far (in tokens) queries may drift past the bounded anchor before it moves
-REANCHOR = 128
-#: the rotation code of keys at their true positions (the exact frame); no anchor has it
-NATURAL = -(1 << 63)
+__all__ = ["NATURAL", "OBSERVATION_QUERIES", "REANCHOR", "BatchRow", "Layout", "ModelShape", "RowPlan", "Settings",
+           "StatsSink", "TokenReader"]
+
+
+class StatsSink(Protocol):
+    """Where the memory counts what it does (``metrics.Stats`` in the engine): the core
+    knows this much of the metrics, not their module."""
+
+    def inc(self, name: str, amount: float = 1.0) -> None: ...
+
+    def set(self, name: str, value: float) -> None: ...
 
 
 class Settings(Protocol):

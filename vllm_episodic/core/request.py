@@ -19,6 +19,7 @@ from vllm_episodic.core.plan import (
     ModelShape,
     RowPlan,
     Settings,
+    StatsSink,
 )
 from vllm_episodic.core.representatives import mean_keys, representatives
 from vllm_episodic.core.retrieval import Selection, empty_queues
@@ -32,7 +33,6 @@ from vllm_episodic.kernels import (
     score_layer_events,
     token_mass,
 )
-from vllm_episodic.metrics import Stats
 
 #: float32 elements of attention scores computed at once for representatives (16 MiB)
 REPS_SCRATCH = 1 << 22
@@ -47,7 +47,7 @@ class RequestMemory:
     shape: ModelShape
     layout: Layout
     capacity: int
-    stats: Stats
+    stats: StatsSink
     rope: Rope
     num_tokens: int = 0
     store: HostStore | None = None
