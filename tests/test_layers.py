@@ -80,3 +80,10 @@ def test_the_plugins_environment_variables_are_read_in_envs_only():
             if func in ("os.environ.get", "os.getenv", "os.environ") and str(name).startswith("VLLM_EPISODIC_"):
                 wrong.append(f"{path.relative_to(ROOT)}:{node.lineno} {name}")
     assert not wrong, wrong
+
+
+def test_no_module_outgrows_one_concept():
+    """One concept per module: none of the package's files is over ~400 lines."""
+    sizes = {str(path.relative_to(ROOT)): len(path.read_text().splitlines())
+             for path in [*PACKAGE.rglob("*.py"), *(ROOT / "kernels").glob("*.py")]}
+    assert not {name: n for name, n in sizes.items() if n > 400}
