@@ -123,12 +123,18 @@ class KeptIndex:
         ``local_tokens``) and the host pages of the rest (whole pages: an upper bound)."""
         tail = min(tokens, self.local_tokens)
         stored = max(0, tokens - tail - shared)
-        return (tail + -(-stored // PAGE_TOKENS) * PAGE_TOKENS) * self.bytes_per_token
+        return tail * self.bytes_per_token + self._page_bytes(stored)
+
+    def _page_bytes(self, tokens: int) -> int:
+        """Bytes of the host pages that hold ``tokens`` stored tokens (whole pages)."""
+        return -(-tokens // PAGE_TOKENS) * PAGE_TOKENS * self.bytes_per_token
 
     def _make_room(self, nbytes: int, cap: int | None = None) -> None:
         """Drop least recently used kept memories (not those a request is about to
         attach to) until ``nbytes`` more fit under ``cap`` (default ``cap_bytes``)."""
         cap = self.cap_bytes if cap is None else cap
+        if self.nbytes + nbytes <= cap:
+            return  # the common case, every step (yield_to_live): nothing to drop
         pinned = {kept for kept, _ in self.found.values()} | {kept for kept, _ in self.pending.attach.values()}
         for kept_id in list(self.entries):
             if self.nbytes + nbytes <= cap:
@@ -144,7 +150,7 @@ class KeptIndex:
         parent = self.attached.get(req_id)
         if parent is not None and parent[0] in self.entries:
             stored = max(0, stored - parent[1] // PAGE_TOKENS * PAGE_TOKENS)
-        return -(-stored // PAGE_TOKENS) * PAGE_TOKENS * self.bytes_per_token
+        return self._page_bytes(stored)
 
     def yield_to_live(self, live_bytes: int) -> None:
         """Drop kept memories (least recently used first) while they and the running
