@@ -73,10 +73,10 @@ def event_mass(queries, reps, available) -> torch.Tensor:
     return event_mass_reference(queries, reps, available)
 
 
-def token_mass(queries, keys, owner, events: int) -> torch.Tensor:
+def token_mass(queries, keys, owner, events: int, **options) -> torch.Tensor:
     """Scores ``(events,)`` from every memory token's key: see
     :func:`.score.token_mass_reference` (torch ops on every device)."""
-    return token_mass_reference(queries, keys, owner, events)
+    return token_mass_reference(queries, keys, owner, events, **options)
 
 
 def gather_rotate(src_k, src_v, src_index, dst_k, dst_v, dst_slot, cos_sin, position, is_neox_style: bool) -> None:
