@@ -93,6 +93,24 @@ def test_serving_prefill_chunk(model_dir, backend, settings, chunk, expected):
     assert config.scheduler_config.max_num_batched_tokens == expected
 
 
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_prefill_chunks_past_the_trained_length_keep_distances_trained(model_dir, prefix_caching):
+    """Past SmolLM2's trained 8K, a prefill chunk's queries sit behind sinks + retrieved
+    memory + window at bounded distances: the chunk is lowered so that every distance
+    stays within 8K, with kept memories on (the default) or off."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_episodic.config import EpisodicConfig
+
+    config = EngineArgs(model=model_dir, attention_backend="episodic", enforce_eager=True, max_model_len=32768,
+                        max_num_batched_tokens=8192, enable_prefix_caching=prefix_caching,
+                        additional_config={"episodic": {"preset": "smollm2"}}).create_engine_config()
+    episodic = EpisodicConfig.model_validate(config.additional_config["episodic"])
+    chunk = config.scheduler_config.max_num_batched_tokens
+    assert 256 <= chunk < 8192
+    assert chunk + episodic.bounded_span(config.cache_config.block_size) <= 8192
+
+
 @pytest.mark.server
 def test_unsupported_model_through_the_cli(tiny_models):
     vllm = str(Path(sys.executable).with_name("vllm"))

@@ -139,11 +139,13 @@ class EpisodicConfig(BaseModel):
 
     full_memory_at_prompt_end: bool = True
     """The prompt's last ``prompt_end_queries`` tokens (where a question usually sits)
-    attend every memory token, not only the retrieved ones, when positions are exact:
-    they are attended in torch over the host store, once per request (the first token
-    waits for ~queries × context more attention; decode is unchanged). The question's
-    keys and values then carry what it read, as with full attention. Ignored in the
-    bounded frame, whose memory must stay within the budget to keep distances trained."""
+    read all of memory. With exact positions they attend every memory token, not only
+    the retrieved ones (in torch over the host store, once per prompt: the first token
+    waits for ~queries × context more attention; decode is unchanged), so the
+    question's keys and values carry what it read, as with full attention. In both
+    frames they score every memory token's key, and the decode steps that answer add
+    those scores to their own; in the bounded frame they attend only the budget, to
+    keep distances trained."""
 
     prompt_end_queries: int = Field(128, ge=0, le=1 << 20)
     """How many of the prompt's last tokens ``full_memory_at_prompt_end`` gives all of

@@ -203,10 +203,10 @@ def _check_and_update_config(original, klass, vllm_config) -> None:
         trained = trained_len(model_config)
         config = config.resolved(trained, model_config.max_model_len, block_size,
                                  device_is_host=_platform_key() == "cpu")
-    if not vllm_config.cache_config.enable_prefix_caching:
-        config = config.model_copy(update={"kept_memory_gib": 0.0})
         if config.positions != "exact" and model_config.max_model_len > trained:
             _bound_prefill_chunk(vllm_config, trained - config.bounded_span(block_size))
+    if not vllm_config.cache_config.enable_prefix_caching:
+        config = config.model_copy(update={"kept_memory_gib": 0.0})
     reasons = unsupported_feature_reasons(vllm_config)
     if reasons:
         raise ValueError(
