@@ -127,6 +127,46 @@ def test_an_attached_follow_up_attends_as_the_torch_reference(episodic, make_llm
     assert turns[0] == turns[1]
 
 
+def test_the_metadata_build_plans_and_writes_nothing(episodic, monkeypatch):
+    """The step lifecycle: a metadata build only plans. The writes to the KV cache (an
+    attached follow-up's restored sinks and window, event-cache slot fills) and the
+    decode rows' retrieval ahead of the layers all happen after it, before the layers
+    run (the model's forward pre-hook) or in them; a conversation past the window
+    does each of them."""
+    from vllm_episodic.integration import cpu_backend, paged_kv
+    from vllm_episodic.integration.runtime import WorkerRuntime
+
+    building, during, after = [False], [], []
+
+    def traced(cls, name, what):
+        original = getattr(cls, name)
+
+        def call(*args, **kwargs):
+            (during if building[0] else after).append(what)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(cls, name, call)
+
+    build = cpu_backend.EpisodicCPUMetadataBuilder.build
+
+    def traced_build(self, *args, **kwargs):
+        building[0] = True
+        try:
+            return build(self, *args, **kwargs)
+        finally:
+            building[0] = False
+
+    monkeypatch.setattr(cpu_backend.EpisodicCPUMetadataBuilder, "build", traced_build)
+    traced(paged_kv.StackedCaches, "write", "write")
+    traced(WorkerRuntime, "select_ahead", "select ahead")
+    traced(WorkerRuntime, "_restore", "restore")
+    document = _ids(episodic, filler_text(1200, seed=79) + " The code is 5521. What is the code?")
+    ((answer, _),) = _converse(episodic, document, [], max_tokens=16)
+    _converse(episodic, document + answer + _ids(episodic, " Once more, the code?"), [], max_tokens=16)
+    assert during == []
+    assert {"write", "select ahead", "restore"} <= set(after)
+
+
 def test_a_kept_memory_dropped_while_a_request_is_attached_loses_nothing(episodic, monkeypatch):
     """Room for one kept memory: another request's finish drops the memory a running
     request attached to; that request's output is what it is with room for both, and

@@ -77,16 +77,21 @@ def install() -> None:
 
 
 def _runtime_of(runner):
-    """The runner's WorkerRuntime, created on its first step; None if not episodic."""
+    """The runner's WorkerRuntime, created once its KV cache exists; None if not
+    episodic. The one place a runtime is made: created, its model hooks installed,
+    registered for the metadata builders (the runner holds it; the registry only
+    finds it)."""
     runtime = getattr(runner, "_episodic_runtime", False)
     if runtime is False:
         from vllm_episodic.integration.selection import is_episodic
 
         runtime = None
         if is_episodic(runner.vllm_config):
-            from vllm_episodic.integration.runtime import WorkerRuntime
+            from vllm_episodic.integration.runtime import WorkerRuntime, register
 
             runtime = WorkerRuntime(runner)
+            install_model_hooks(runtime, runner.get_model())
+            register(runtime)
         runner._episodic_runtime = runtime
     return runtime
 
@@ -94,6 +99,8 @@ def _runtime_of(runner):
 def install_model_hooks(runtime, model) -> None:
     """Forward hooks on the loaded model (not patches: torch's own hook API).
 
+    - before the model runs (the step's metadata is built by then): the step's writes
+      to the KV cache (``WorkerRuntime.before_forward``);
     - on the model: its output is the step's final hidden states; with the step's
       input ids they give every token's surprise, after which the runtime forms events;
     - on its logits processor: the logits vLLM computes to sample the next token also
@@ -109,6 +116,10 @@ def install_model_hooks(runtime, model) -> None:
         if isinstance(output, torch.Tensor):
             runtime.after_logits(output)
 
+    def before_forward(module, args):
+        runtime.before_forward()
+
+    model.register_forward_pre_hook(before_forward)
     model.register_forward_hook(after_forward, with_kwargs=True)
     processor = getattr(model, "logits_processor", None)
     if processor is not None:

@@ -12,20 +12,29 @@ A step, as the runtime sees it:
    the kept memories the scheduler dropped, note the batch's request ids and which new
    ones attach to a kept memory (:meth:`on_requests_gone`, :meth:`on_batch_updated`;
    ``prefix_reuse.py``);
-2. metadata build: :meth:`plan_step` attaches new requests to kept memories (restoring
-   their sinks and local window into their blocks), then plans every row
-   (``EpisodicMemory.plan_step``);
-3. the layers attend (``cpu_backend.EpisodicCPUImpl``);
-4. model-forward hook: surprise of the step's tokens, then ``EpisodicMemory.end_step``
+2. metadata build: :meth:`plan_step` plans every row (``EpisodicMemory.plan_step``;
+   a new request that attaches to a kept memory gets its host state from it first) and
+   nothing else: no selection, no write to the KV cache;
+3. model-forward pre-hook: :meth:`before_forward` restores attached requests' sinks and
+   local window into their blocks, and the decode rows' retrieval for every layer
+   fills their event-cache slots (:meth:`select_ahead`);
+4. the layers attend (``cpu_backend.EpisodicCPUImpl``; rows that retrieve per layer
+   fill their slots there, before the op);
+5. model-forward hook: surprise of the step's tokens, then ``EpisodicMemory.end_step``
    moves the tokens that left the window into events (:meth:`after_forward`);
-5. logits hook: keep each row's next-token logits for the next token's surprise.
+6. logits hook: keep each row's next-token logits for the next token's surprise.
+
+``runner_hooks.runtime_of`` creates the runtime, installs its model hooks and
+registers it (:func:`register`); the registry holds runtimes weakly, so an engine that
+goes away takes its runtime with it.
 """
 
 from __future__ import annotations
 
-import torch
-
 import time
+import weakref
+
+import torch
 
 from vllm_episodic import envs
 from vllm_episodic.core.kept import kept_tokens
@@ -38,8 +47,14 @@ from vllm_episodic.core.surprise import surprise_from_logits, token_surprise
 from vllm_episodic.integration.paged_kv import StackedCaches, probe_layout, slot_offsets
 from vllm_episodic.metrics import Stats, StatsPublisher, metrics_dir
 
-# id(VllmConfig) -> runtime; each runtime keeps its config alive, so ids stay unique
-_runtimes: dict[int, WorkerRuntime] = {}
+# id(VllmConfig) -> runtime, held weakly (the runner holds its runtime); a runtime
+# keeps its config alive, so an id is not reused while its entry exists
+_runtimes: weakref.WeakValueDictionary[int, WorkerRuntime] = weakref.WeakValueDictionary()
+
+
+def register(runtime: WorkerRuntime) -> None:
+    """Make ``runtime`` what :func:`runtime_for` returns for its runner's config."""
+    _runtimes[id(runtime.vllm_config)] = runtime
 
 
 def runtime_for(vllm_config) -> WorkerRuntime | None:
@@ -125,11 +140,11 @@ class WorkerRuntime:
         # request id -> (kept id, tokens): new requests that attach to a kept memory
         self._attach: dict[str, tuple[str, int]] = {}
         self.plans: list[RowPlan] | None = None
+        # what the step's plan leaves to :meth:`before_forward`: attached rows whose
+        # blocks to restore (row, kept id, tokens, block row), decode rows to select ahead
+        self._restores: list[tuple[BatchRow, str, int, torch.Tensor]] = []
+        self._ahead: list[RowPlan] = []
         self._computing_surprise = False
-        _runtimes[id(vllm_config)] = self
-        from vllm_episodic.integration.runner_hooks import install_model_hooks
-
-        install_model_hooks(self, runner.get_model())
 
     def _stack_caches(self) -> tuple[torch.Tensor, StackedCaches]:
         return self.runner.kv_caches[0], StackedCaches.of(list(self.runner.kv_caches))
@@ -175,15 +190,11 @@ class WorkerRuntime:
         self.memory.keep(req_id, req_id, tokens,
                          lambda _, start, end: self._read_row(block_row, every, start, end))
 
-    def _attach_row(self, row: BatchRow, kept_id: str, tokens: int, block_row: torch.Tensor) -> None:
-        """Attach a new request to a kept memory and restore what its first step reads
-        from the paged cache: natural K/V of its sinks and event-cache blocks, and of its
-        local part (the blocks between are null)."""
-        if row.num_computed != tokens:
-            raise RuntimeError(f"request {row.req_id} was to attach at token {tokens}, "
-                               f"its first step starts at {row.num_computed}")
-        prompt = self.runner.requests[row.req_id].prompt_token_ids
-        memory = self.memory.attach(row, kept_id, prompt[tokens] if tokens < len(prompt) else None)
+    def _restore(self, row: BatchRow, kept_id: str, tokens: int, block_row: torch.Tensor) -> None:
+        """Write what an attached request's first step reads from the paged cache: the
+        kept natural K/V of its sinks and event-cache blocks, and of its local part (the
+        blocks between are null)."""
+        memory = self.memory.requests[row.req_id]
         kept = self.memory.kept.get(kept_id)
         bs = self.layout.block_size
         head = min(tokens, self.memory.layout.cache_end)
@@ -205,9 +216,11 @@ class WorkerRuntime:
     # ---- step --------------------------------------------------------------------
 
     def plan_step(self, common_attn_metadata) -> list[RowPlan] | None:
-        """Plan every row of the step being built; None in dummy/profiling runs."""
+        """Plan every row of the step being built; None in dummy/profiling runs. Writes
+        nothing to the KV cache and selects nothing: :meth:`before_forward` does."""
         req_ids, self._pending_req_ids = self._pending_req_ids, None
         num_reqs = common_attn_metadata.num_reqs
+        self._restores, self._ahead = [], []
         if req_ids is None or len(req_ids) != num_reqs:
             self.plans = None
             return None
@@ -218,13 +231,35 @@ class WorkerRuntime:
         for index, row in enumerate(rows):
             attach = self._attach.pop(row.req_id, None)
             if attach is not None:
-                self._attach_row(row, *attach, common_attn_metadata.block_table_tensor[index])
+                self._attach_memory(row, *attach)
+                self._restores.append((row, *attach, common_attn_metadata.block_table_tensor[index]))
         self.plans = self.memory.plan_step(rows, common_attn_metadata.block_table_tensor[:num_reqs])
-        ahead = [plan for plan in self.plans if plan.memory.can_select_ahead(plan)]
-        if ahead:
-            self.select_ahead(ahead)
+        self._ahead = [plan for plan in self.plans if plan.memory.can_select_ahead(plan)]
+        for plan in self._ahead:
+            # :meth:`before_forward` selects and fills them before any layer runs: the
+            # metadata must not make the layers retrieve for them again
+            plan.selected_ahead = True
         self.publish()
         return self.plans
+
+    def _attach_memory(self, row: BatchRow, kept_id: str, tokens: int) -> None:
+        """A new request's host state from the kept memory it attaches to at ``tokens``."""
+        if row.num_computed != tokens:
+            raise RuntimeError(f"request {row.req_id} was to attach at token {tokens}, "
+                               f"its first step starts at {row.num_computed}")
+        prompt = self.runner.requests[row.req_id].prompt_token_ids
+        self.memory.attach(row, kept_id, prompt[tokens] if tokens < len(prompt) else None)
+
+    def before_forward(self) -> None:
+        """The step's writes to the KV cache, once its metadata is built and before any
+        layer runs: attached requests' blocks restored, then the decode rows' retrieval
+        for every layer and their slot fills."""
+        restores, self._restores = self._restores, []
+        for restore in restores:
+            self._restore(*restore)
+        ahead, self._ahead = self._ahead, []
+        if ahead:
+            self.select_ahead(ahead)
 
     def _row(self, req_id: str, seq_len: int, num_scheduled: int) -> BatchRow:
         """A batch row from the runner's request state: its capacity (prompt + max new
