@@ -543,6 +543,29 @@ def test_store_gathers_tokens_of_several_layers_at_once():
         assert torch.equal(got_v[i], values[layers[i], :, positions[i]])
 
 
+def test_store_reads_consecutive_tokens_as_written():
+    """A run of consecutive tokens (all of memory, read at the prompt's end) comes back
+    as written, across page boundaries and from a page shared with another store, in
+    the order of the positions — as scattered positions do."""
+    from vllm_episodic.core.store import HostStore
+
+    g = torch.Generator().manual_seed(4)
+    store = HostStore(2, HEADS, KV_HEADS, DIM, torch.bfloat16, page_tokens=64)
+    keys = torch.randn(2, KV_HEADS, 300, DIM, generator=g).bfloat16()
+    values = torch.randn(2, KV_HEADS, 300, DIM, generator=g).bfloat16()
+    store.write(slice(None), 0, keys, values)
+    child = store.shared_prefix(0, 300)
+    for start, end in ((0, 300), (10, 12), (60, 70), (63, 129), (128, 192)):
+        positions = torch.arange(start, end)
+        for which in (store, child):
+            got_k, got_v = which.gather(1, positions)
+            assert got_k.shape == (end - start, KV_HEADS, DIM) and got_k.is_contiguous()
+            assert torch.equal(got_k, keys[1, :, start:end].transpose(0, 1))
+            assert torch.equal(got_v, values[1, :, start:end].transpose(0, 1))
+    reordered = torch.tensor([4, 6, 5, 7])  # first to last spans 4, not in order: the indexed path
+    assert torch.equal(store.gather(0, reordered)[0], keys[0, :, reordered].transpose(0, 1))
+
+
 def test_each_row_keeps_its_latest_queries_of_every_layer_from_one_gather_per_layer():
     """The layers hand the whole batch's queries over once each (record_queries); at the
     end of the step every observing row keeps, for every layer, its latest
