@@ -133,7 +133,7 @@ def test_bad_requests_get_vllms_errors_and_the_server_stays_up(server):
     assert too_long == 400 and "8192" in text, text  # vLLM's own message names the limit
     huge, text = post_status(url, {"model": "smollm2", "prompt": "Hi", "max_tokens": 10**9})
     assert huge == 400
-    empty, _ = post_status(url, {"model": "smollm2", "prompt": "", "max_tokens": 4})
-    assert empty in (200, 400)
+    empty, text = post_status(url, {"model": "smollm2", "prompt": "", "max_tokens": 4})
+    assert empty == 400 and "non-empty" in text, text  # vLLM's own message
     status, text = post_status(url, {"model": "smollm2", "prompt": "The capital of France is", "max_tokens": 4})
     assert status == 200 and json.loads(text)["usage"]["completion_tokens"] == 4

@@ -85,16 +85,20 @@ def test_parallel_sampling_and_prompt_logprobs(make_llm):
 
 @pytest.mark.slow
 def test_compiled_mode(make_llm):
-    """vLLM's default mode (torch.compile, no --enforce-eager) runs the episodic memory."""
+    """vLLM's default mode (torch.compile, no --enforce-eager) runs the episodic memory
+    and answers as the eager engine does (float32, greedy: the same tokens)."""
     from vllm import SamplingParams
 
-    llm = make_llm(attention_backend="episodic", enforce_eager=False, max_num_batched_tokens=512,
-                   additional_config={"episodic": TINY})
+    settings = dict(attention_backend="episodic", dtype="float32", max_num_batched_tokens=512,
+                    additional_config={"episodic": TINY})
+    compiled, eager = make_llm(enforce_eager=False, **settings), make_llm(**settings)
     prompt = filler_text(1500, seed=3) + " The special magic number is 74123. " + filler_text(100, seed=4) + \
         " What is the special magic number? The special magic number is"
-    out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)[0]
+    params = SamplingParams(temperature=0.0, max_tokens=8)
+    out = compiled.generate([prompt], params, use_tqdm=False)[0]
     assert "74123" in out.outputs[0].text
-    assert runtime_of(llm).stats.get("device_cache_misses") > 0
+    assert runtime_of(compiled).stats.get("device_cache_misses") > 0
+    assert out.outputs[0].token_ids == eager.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
 
 
 @pytest.mark.parametrize(
