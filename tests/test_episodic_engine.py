@@ -378,20 +378,23 @@ def test_past_the_trained_length_a_passkey_is_found_with_device_kv_bounded(make_
 
 def test_an_engine_that_goes_away_takes_its_runtime_with_it(model_dir):
     """The registry the metadata builders find runtimes in holds them weakly: a deleted
-    engine's runtime (its memory, host store and caches) is freed with it."""
-    import gc
-    import weakref
+    engine's runtime (its memory, host store and caches) is freed with it. In a process
+    of its own: deleting an in-process engine tears down vLLM's distributed state, which
+    the other engines of this session use."""
+    import subprocess
+    import sys
 
-    from vllm import LLM, SamplingParams
-
-    from vllm_episodic.integration.runtime import all_runtimes
-
-    before = len(all_runtimes())
-    llm = LLM(model=model_dir, enforce_eager=True, max_model_len=2048, attention_backend="episodic",
-              additional_config={"episodic": {"kept_memory_gib": 0}})
-    runtime = weakref.ref(runtime_of(llm))
-    assert len(all_runtimes()) == before + 1
-    llm.generate(["The capital of France is"], SamplingParams(max_tokens=2), use_tqdm=False)
-    del llm
-    gc.collect()
-    assert runtime() is None and len(all_runtimes()) == before
+    script = """
+import gc, sys, weakref
+from vllm import LLM, SamplingParams
+from vllm_episodic.integration.runtime import all_runtimes
+llm = LLM(model=sys.argv[1], enforce_eager=True, max_model_len=2048, attention_backend="episodic",
+          additional_config={"episodic": {"kept_memory_gib": 0}})
+runtime = weakref.ref(all_runtimes()[0])
+llm.generate(["The capital of France is"], SamplingParams(max_tokens=2), use_tqdm=False)
+del llm
+gc.collect()
+print("runtimes left:", len(all_runtimes()), "freed:", runtime() is None)
+"""
+    done = subprocess.run([sys.executable, "-c", script, model_dir], capture_output=True, text=True, timeout=300)
+    assert "runtimes left: 0 freed: True" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]

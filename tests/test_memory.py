@@ -13,7 +13,7 @@ import torch
 
 from vllm_episodic.core.attention import attention
 from vllm_episodic.core.memory import EpisodicMemory
-from vllm_episodic.core.plan import OBSERVATION_QUERIES, BatchRow, ModelShape
+from vllm_episodic.core.plan import OBSERVATION_QUERIES, BatchRow, Frame, ModelShape
 from vllm_episodic.core.select import select_ahead, select_layer
 from vllm_episodic.core.retrieval import Selection
 from vllm_episodic.core.rope import Rope, rope_table
@@ -249,19 +249,19 @@ def test_consecutive_events_form_runs_in_the_bounded_frame():
         if total == 0:
             break
     for selections in ([selection], [other, selection]):
-        codes = request.token_codes(as_selection(*selections), "bounded")[-1]
+        codes = request.token_codes(as_selection(*selections), Frame.BOUNDED)[-1]
         position, back = codes // request.code_span, codes % request.code_span
         event = torch.searchsorted(store.ends[: store.num_events], position, right=True)
         assert torch.equal(back, torch.tensor([run_end[e] for e in event.tolist()]) - 1 - position)
-    exact = request.token_codes(as_selection(selection), "exact")[0]
+    exact = request.token_codes(as_selection(selection), Frame.EXACT)[0]
     assert set((exact // request.code_span).tolist()) == {
         p for e, n in selection.items() for p in range(int(store.starts[e]), int(store.starts[e]) + n)}
     assert not (exact % request.code_span).any()
     # the rotation the keys get: a run's tokens sit at consecutive positions ending at the anchor
     anchor = 1000
-    codes = request.token_codes(as_selection(selection), "bounded")[0]
+    codes = request.token_codes(as_selection(selection), Frame.BOUNDED)[0]
     assert codes.numel() == sum(selection.values()) and codes.unique().numel() == codes.numel()
-    got_k, _ = request.code_keys(0, codes, "bounded", anchor, seq.rope)
+    got_k, _ = request.code_keys(0, codes, Frame.BOUNDED, anchor, seq.rope)
     first, last = int(store.starts[2]), end(4)
     in_run = (codes // request.code_span >= first) & (codes // request.code_span < last)
     positions = codes[in_run] // request.code_span
@@ -691,9 +691,9 @@ def test_code_keys_of_several_layers_in_one_gather():
     codes = torch.tensor([int(store.starts[1]) * span, (int(store.starts[3]) + 1) * span + 7,
                           int(store.starts[2]) * span + 3])
     layers = torch.tensor([1, 0, 1])
-    keys, values = request.code_keys(layers, codes, "bounded", 500, seq.rope)
+    keys, values = request.code_keys(layers, codes, Frame.BOUNDED, 500, seq.rope)
     for i, layer in enumerate(layers.tolist()):
-        k, v = request.code_keys(layer, codes[i : i + 1], "bounded", 500, seq.rope)
+        k, v = request.code_keys(layer, codes[i : i + 1], Frame.BOUNDED, 500, seq.rope)
         torch.testing.assert_close(keys[i : i + 1], k)
         torch.testing.assert_close(values[i : i + 1], v)
     # a code's remainder says how far before the anchor the key is rotated to

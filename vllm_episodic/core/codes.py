@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from vllm_episodic.core.attention import attention
-from vllm_episodic.core.plan import Layout, RowPlan, Settings
+from vllm_episodic.core.plan import Frame, Layout, RowPlan, Settings
 from vllm_episodic.core.retrieval import Selection
 from vllm_episodic.core.rope import Rope
 from vllm_episodic.core.store import HostStore
@@ -29,7 +29,7 @@ class FrameKeys:
         one event (its last, cut event's untaken tail), so ``back`` stays below this."""
         return self.layout.max_memory + self.settings.max_event_tokens
 
-    def token_codes(self, selection: Selection, frame: str) -> torch.Tensor:
+    def token_codes(self, selection: Selection, frame: Frame) -> torch.Tensor:
         """``[rows, tokens]`` the selected tokens of each row (a layer) as codes of the
         device cache (:class:`SlotTable`): ``position · span + back``, ``back`` being how
         far before the anchor the token's key is rotated to (0 in the exact frame), so
@@ -49,7 +49,7 @@ class FrameKeys:
         store, span = self.store, self.code_span
         starts, ends = store.starts[ids], store.ends[ids]
         lags = torch.zeros_like(ids)
-        if frame != "exact":
+        if frame is not Frame.EXACT:
             # a run is a stretch of events of one row, each whole but the last
             row = torch.arange(len(selection))[:, None].expand_as(present)[present]
             follows = torch.zeros(ids.numel(), dtype=torch.bool)
@@ -60,7 +60,7 @@ class FrameKeys:
             last = torch.where(follows & whole, ids.numel(), index).flip(0).cummin(0).values.flip(0)
             lags = ends[last] - ends
         positions, owner = event_tokens(starts, counts)
-        if frame == "exact":
+        if frame is Frame.EXACT:
             return (positions * span).view(len(selection), -1)
         # every run ends at the anchor: an event ends `lag` tokens before it
         back = (ends + lags)[owner] - 1 - positions
@@ -68,7 +68,7 @@ class FrameKeys:
             raise ValueError(f"a run of {int(back.max()) + 1} tokens exceeds the code span {span}")
         return (positions * span + back).view(len(selection), -1)
 
-    def code_keys(self, layer: int | torch.Tensor, codes: torch.Tensor, frame: str, anchor: int,
+    def code_keys(self, layer: int | torch.Tensor, codes: torch.Tensor, frame: Frame, anchor: int,
                   rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V of the tokens named by ``codes (tokens,)`` (:meth:`token_codes`), keys
         rotated for attention: ``keys, values [tokens, num_kv_heads, head_size]``.
@@ -77,16 +77,16 @@ class FrameKeys:
             layer: the layer, or ``(tokens,)`` each token's layer (several in one gather).
         """
         positions, back = codes // self.code_span, codes % self.code_span
-        target = positions if frame == "exact" else anchor - back
+        target = positions if frame is Frame.EXACT else anchor - back
         return _rotated(self.store, layer, positions, target, rope)
 
-    def sink_keys(self, layers: torch.Tensor, frame: str, anchor: int, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
+    def sink_keys(self, layers: torch.Tensor, frame: Frame, anchor: int, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V ``[len(layers) * sinks, num_kv_heads, head_size]`` (layer-major) of the
         sinks rotated for the frame: true positions, or A − budget − max_event − S + i."""
         sinks = self.layout.sinks
         positions = torch.arange(sinks).repeat(len(layers))
         shift = anchor - self.layout.max_memory - self.settings.max_event_tokens - sinks
-        target = positions if frame == "exact" else positions + shift
+        target = positions if frame is Frame.EXACT else positions + shift
         return _rotated(self.store, layers.repeat_interleave(sinks), positions, target, rope)
 
     def reference_attention(self, layer: int, plan: RowPlan, query: torch.Tensor,

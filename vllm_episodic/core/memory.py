@@ -56,7 +56,9 @@ from vllm_episodic.core.kept import KeptMemories, attach, keep, tail_start
 from vllm_episodic.core.plan import (
     OBSERVATION_QUERIES,
     BatchRow,
+    Frame,
     Layout,
+    Mode,
     ModelShape,
     RowPlan,
     Settings,
@@ -89,11 +91,11 @@ class EpisodicMemory:
         self._kept_index: torch.Tensor | None = None
         self._recorded: list[torch.Tensor | None] = []
 
-    def frame_for(self, context_len: int) -> str:
-        mode = self.settings.positions
-        if mode == "auto":
-            return "exact" if context_len <= self.shape.trained_len else "bounded"
-        return mode
+    def frame_for(self, context_len: int) -> Frame:
+        positions = self.settings.positions
+        if positions == "auto":
+            return Frame.EXACT if context_len <= self.shape.trained_len else Frame.BOUNDED
+        return Frame(positions)
 
     def plan_step(self, rows: list[BatchRow], block_rows: torch.Tensor | None = None) -> list[RowPlan]:
         """What each batch row does in the step about to run.
@@ -128,7 +130,7 @@ class EpisodicMemory:
                 refresh=memory.refreshes(row.num_scheduled, rewrite),
             )
             plan.prompt_end = prompt_end_tokens(row.num_computed, row.num_scheduled, row.prompt_tokens, s.prompt_end_queries)
-            if mode != "natural" and memory_tokens > 0:
+            if mode is not Mode.NATURAL and memory_tokens > 0:
                 self._plan_retrieval(plan)
                 # between decode retrievals every layer keeps what select_ahead chose
                 # for it (and the slots hold that): the layers skip selection entirely
@@ -136,9 +138,9 @@ class EpisodicMemory:
                                        and memory.ahead_key == plan.selection_key)
             # the chunk that ends the prompt sees all of memory (exact frame), unless its
             # budget already holds all of it
-            plan.all_memory = (s.full_memory_at_prompt_end and mode != "natural" and plan.frame == "exact"
+            plan.all_memory = (s.full_memory_at_prompt_end and mode is not Mode.NATURAL and plan.frame is Frame.EXACT
                                and plan.prompt_end > 0 and plan.everything is None)
-            if mode == "reference":
+            if mode is Mode.REFERENCE:
                 plan.torch_queries = row.num_scheduled
             elif plan.all_memory:
                 plan.torch_queries = plan.prompt_end

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -17,8 +18,31 @@ from vllm_episodic.core.retrieval import Selection
 if TYPE_CHECKING:
     from vllm_episodic.core.request import RequestMemory
 
-__all__ = ["NATURAL", "OBSERVATION_QUERIES", "REANCHOR", "BatchRow", "Layout", "ModelShape", "RowPlan", "Settings",
-           "StatsSink", "TokenReader"]
+__all__ = ["NATURAL", "OBSERVATION_QUERIES", "REANCHOR", "BatchRow", "Frame", "Layout", "Mode", "ModelShape", "RowPlan",
+           "Settings", "StatsSink", "TokenReader"]
+
+
+class Mode(str, Enum):
+    """How a row attends in a step."""
+
+    NATURAL = "natural"
+    """its own blocks through the platform op, as stock vLLM (no memory yet, or memory
+    still in its own blocks)"""
+    ASSEMBLED = "assembled"
+    """the platform op over sinks + the event-cache blocks holding the retrieved tokens +
+    the local blocks"""
+    REFERENCE = "reference"
+    """in torch over the host store (a debug toggle, or the bounded frame before the
+    event cache is free)"""
+
+
+class Frame(str, Enum):
+    """Where memory sits for a row's queries."""
+
+    EXACT = "exact"
+    """every token at its true position (within the model's trained length)"""
+    BOUNDED = "bounded"
+    """memory at trained distances behind the window (past the trained length)"""
 
 
 class StatsSink(Protocol):
@@ -96,11 +120,11 @@ class Layout:
         slots = _align_up(max(settings.device_event_cache_tokens, max_memory), block_size)
         return cls(sinks=sinks, cache_end=sinks + slots, max_memory=max_memory, decode_memory=decode)
 
-    def budget(self, frame: str, num_scheduled: int) -> int:
+    def budget(self, frame: Frame, num_scheduled: int) -> int:
         """Memory tokens a step of ``num_scheduled`` tokens attends in ``frame``: the
         larger bounded budget is for decode steps only (a prefill chunk pays it for every
         one of its queries, and it changed no answer there)."""
-        return self.max_memory if frame == "bounded" and num_scheduled == 1 else self.decode_memory
+        return self.max_memory if frame is Frame.BOUNDED and num_scheduled == 1 else self.decode_memory
 
 
 @dataclass(frozen=True)
@@ -127,16 +151,14 @@ class RowPlan:
     """index of the row's first query in the step's flattened tokens"""
     num_computed: int
     num_scheduled: int
-    mode: str
-    """``natural``, ``assembled`` or ``reference`` (module docstring)"""
+    mode: Mode
     local_start: int
     """first token of the local part (block aligned; 0 in natural mode)"""
     memory_tokens: int
     """memory tokens attended per layer (0 in natural mode)"""
     cache_slots: int
     """event-cache slots usable now (the cache's blocks free up as memory forms)"""
-    frame: str
-    """``exact`` or ``bounded``"""
+    frame: Frame
     anchor: int
     """bounded frame: where memory sits"""
     rewrite: bool
@@ -179,7 +201,7 @@ class RowPlan:
     def rotation(self) -> int:
         """Where the step's memory keys are rotated for, as one int: the anchor in the
         bounded frame, :data:`NATURAL` in the exact one."""
-        return NATURAL if self.frame == "exact" else self.anchor
+        return NATURAL if self.frame is Frame.EXACT else self.anchor
 
     @property
     def selection_key(self) -> tuple[int, int]:

@@ -15,7 +15,9 @@ from vllm_episodic.core.plan import (
     NATURAL,
     OBSERVATION_QUERIES,
     REANCHOR,
+    Frame,
     Layout,
+    Mode,
     ModelShape,
     RowPlan,
     Settings,
@@ -46,7 +48,7 @@ class RequestMemory(FrameKeys):
     rope: Rope
     num_tokens: int = 0
     store: HostStore | None = None
-    frame: str | None = None
+    frame: Frame | None = None
     anchor: int | None = None
     carry_logits: torch.Tensor | None = None
     """``[1, vocab]`` logits of the last computed token: they give the surprise of the
@@ -127,11 +129,11 @@ class RequestMemory(FrameKeys):
         self.decode_steps += 1
         return due
 
-    def plan(self, frame: str, num_computed: int, num_scheduled: int, reference: bool) -> tuple:
+    def plan(self, frame: Frame, num_computed: int, num_scheduled: int, reference: bool) -> tuple:
         """(mode, local_start, memory_tokens, cache_slots, anchor, rewrite) for the step."""
         lay, s = self.layout, self.settings
         rewrite = frame != self.frame
-        if frame == "bounded":
+        if frame is Frame.BOUNDED:
             last = num_computed + num_scheduled - 1
             if rewrite or self.anchor is None or last - self.anchor > s.window_tokens + REANCHOR + num_scheduled:
                 self.anchor = num_computed - s.window_tokens
@@ -144,17 +146,17 @@ class RequestMemory(FrameKeys):
         anchor = self.anchor or 0
         local_start = self.open_start // self.shape.block_size * self.shape.block_size
         if self.store is None or self.store.num_events == 0 or local_start <= lay.sinks:
-            return "natural", 0, 0, 0, anchor, rewrite
+            return Mode.NATURAL, 0, 0, 0, anchor, rewrite
         # the cache's blocks below local_start no longer hold needed tokens
         cache_slots = min(local_start, lay.cache_end) - lay.sinks
         memory_tokens = min(lay.budget(frame, num_scheduled), local_start - lay.sinks, cache_slots)
         if reference:
-            mode = "reference"
-        elif frame == "exact" and self.open_start < lay.cache_end:
+            mode = Mode.REFERENCE
+        elif frame is Frame.EXACT and self.open_start < lay.cache_end:
             # memory tokens still sit in their own blocks: plain attention reads them
-            return "natural", 0, 0, 0, anchor, rewrite
+            return Mode.NATURAL, 0, 0, 0, anchor, rewrite
         else:
-            mode = "assembled"
+            mode = Mode.ASSEMBLED
         return mode, local_start, memory_tokens, cache_slots, anchor, rewrite
 
     def segment(self, limit: int, refine: Callable[[list[int]], list[int]] | None) -> range:
@@ -234,7 +236,7 @@ class RequestMemory(FrameKeys):
         chunk ends the prompt (:attr:`RowPlan.all_memory`), else the layer's selection.
         A reference row selects in any case, as the op path does before filling slots,
         so that retrieval state (contiguity queues, kept selections) stays the same."""
-        selection = self.select(layer, plan, query) if plan.mode == "reference" else None
+        selection = self.select(layer, plan, query) if plan.mode is Mode.REFERENCE else None
         return self.all_of_memory(plan) if plan.all_memory else selection
 
     def select(self, layer: int, plan: RowPlan, query: torch.Tensor) -> Selection:

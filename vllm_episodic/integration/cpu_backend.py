@@ -29,7 +29,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 from vllm.v1.attention.backend import CommonAttentionMetadata
 
-from vllm_episodic.core.plan import RowPlan
+from vllm_episodic.core.plan import Mode, RowPlan
 from vllm_episodic.integration import runtime as worker_runtime
 
 
@@ -68,15 +68,15 @@ class EpisodicCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         runtime = worker_runtime.runtime_for(self.vllm_config)
         plans = runtime.plan_step(common_attn_metadata) if runtime is not None else None
         cam = common_attn_metadata
-        if plans and any(plan.mode == "assembled" for plan in plans):
+        if plans and any(plan.mode is Mode.ASSEMBLED for plan in plans):
             cam = _assembled(cam, plans, runtime.memory.layout.sinks, self.block_size)
         return EpisodicCPUMetadata(
             num_actual_tokens=cam.num_actual_tokens,
             stock=super().build(common_prefix_len, cam, fast_build),
             plans=plans,
             runtime=runtime,
-            retrieving=[p for p in plans or () if p.mode == "assembled" and not p.selected_ahead],
-            reference=[p for p in plans or () if p.mode == "reference" or p.all_memory],
+            retrieving=[p for p in plans or () if p.mode is Mode.ASSEMBLED and not p.selected_ahead],
+            reference=[p for p in plans or () if p.mode is Mode.REFERENCE or p.all_memory],
         )
 
 
@@ -87,7 +87,7 @@ def _assembled(cam: CommonAttentionMetadata, plans: list[RowPlan], sinks: int, b
     seq_lens = cam.seq_lens.clone()
     sink_blocks = sinks // block_size
     for row, plan in enumerate(plans):
-        if plan.mode != "assembled":
+        if plan.mode is not Mode.ASSEMBLED:
             continue
         natural = cam.block_table_tensor[row]
         memory_blocks = plan.memory_tokens // block_size

@@ -39,7 +39,7 @@ import torch
 from vllm_episodic import envs
 from vllm_episodic.core.kept import kept_tokens
 from vllm_episodic.core.memory import EpisodicMemory
-from vllm_episodic.core.plan import BatchRow, ModelShape, RowPlan
+from vllm_episodic.core.plan import BatchRow, Mode, ModelShape, RowPlan
 from vllm_episodic.core.select import select_ahead, select_layer
 from vllm_episodic.core.retrieval import Selection
 from vllm_episodic.core.rope import Rope
@@ -297,7 +297,7 @@ class WorkerRuntime:
         for all layers at once."""
         every = torch.arange(self.memory.shape.num_layers)
         for plan, selection in zip(plans, select_ahead(plans)):
-            if plan.mode == "assembled":
+            if plan.mode is Mode.ASSEMBLED:
                 self._fill_slots(plan, every, selection)
 
     def _fill_slots(self, plan: RowPlan, layers: torch.Tensor, selection: Selection) -> None:
