@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -139,14 +141,71 @@ def commit() -> str:
 
 def write_report(out: Path, report: dict, merge: bool) -> None:
     """Write a benchmark's report; with ``merge``, keep the cells of the file already at
-    ``out`` that this run did not measure (each cell names the run that measured it)."""
+    ``out`` that this run did not measure (each cell names the run that measured it), and
+    what else the file holds that this report does not (e.g. the ``runs`` of older ones)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     if merge and out.exists():
         earlier = json.loads(out.read_text())
         for backend in ("stock", "episodic"):
             report[backend] = {**earlier.get(backend, {}), **report.get(backend, {})}
+        for key, value in earlier.items():
+            report.setdefault(key, value)
     out.write_text(json.dumps(report, indent=1))
     log(f"wrote {out}")
+
+
+# one canonical result file per (benchmark, model, machine): benchmarks/results/
+# <benchmark>[-<model>]-<machine>.json holding "benchmark", "model", "machine" and "runs",
+# each run under a short label (a script's --tag without its dash, else "default") with
+# its command, commit, date and config; a new run under a label replaces the old one
+# (git history keeps it). docs/benchmarks.md's tables are generated from these files
+# (tools/results_tables.py).
+_FAMILIES = ("epyc", "xeon", "ryzen", "threadripper", "graviton", "neoverse", "apple")
+
+
+def machine_slug(machine_name: str | None) -> str:
+    """The machine's short name in a result file's name: ``epyc``, ``xeon``, ``h200`` (a
+    GPU's model), else the CPU's name in lower case, else ``unknown``."""
+    text = re.sub(r"\((r|tm)\)", "", (machine_name or "").lower())
+    gpu = re.search(r"\b([a-z]{1,2}\d{2,4}[a-z]?)\b", text) if "nvidia" in text else None
+    if gpu:
+        return gpu.group(1)
+    for family in _FAMILIES:
+        if family in text:
+            return family
+    words = re.sub(r"\b(intel|amd|processor|cpu|\d+ cores?)\b", " ", text.split(",")[0])
+    slug = re.sub(r"[^a-z0-9]+", "-", words).strip("-")[:24].strip("-")
+    return slug if slug and "unknown" not in slug else "unknown"
+
+
+def result_path(benchmark: str, model: str | None, machine_name: str) -> Path:
+    """The canonical result file of a benchmark, model (None: an engine-free benchmark
+    that runs no model) and machine."""
+    parts = [benchmark] + ([Path(model).name] if model else []) + [machine_slug(machine_name)]
+    return RESULTS / ("-".join(parts) + ".json")
+
+
+def run_label(tag: str | None) -> str:
+    """A run's label from a script's ``--tag`` (``-long`` -> ``long``; none -> ``default``)."""
+    return (tag or "").lstrip("-") or "default"
+
+
+def write_run(benchmark: str, model: str | None, label: str, run: dict, machine_name: str | None = None) -> Path:
+    """Put ``run`` (a script's report) under ``label`` in the canonical result file of
+    ``benchmark``, ``model`` and the machine, adding the command, commit and date unless
+    the run names them; the file's other runs stay. Returns the file's path."""
+    machine_name = machine_name or run.get("machine") or machine()
+    path = result_path(benchmark, model, machine_name)
+    data = json.loads(path.read_text()) if path.exists() else {}
+    run = {"command": "python " + shlex.join(sys.argv), "commit": commit(),
+           "date": time.strftime("%Y-%m-%d %H:%M"), **run}
+    data = {"benchmark": benchmark, "model": Path(model).name if model else None,
+            "machine": data.get("machine", machine_name), **data}
+    data.setdefault("runs", {})[label] = run
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1))
+    log(f"wrote {path} (run {label!r})")
+    return path
 
 
 def machine() -> str:

@@ -20,15 +20,15 @@ attention layers alone, at realistic shapes (default 32 query / 8 KV heads, head
   * ``cached``: every selected event is already in the device cache (the steady state
     when the selection repeats): scoring, selection and attention only.
 
-Prints a table (ms per step, device and host bytes) and writes
-benchmarks/results/decode-step-<device>.json after every context.
+Prints a table (ms per step, device and host bytes) and, after every context, puts the
+run under the label ``<device>`` (cuda, cpu) in benchmarks/results/decode-step-<machine>.json
+(the machine: the GPU's model, e.g. h200).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import json
 import sys
 import time
 from pathlib import Path
@@ -229,7 +229,6 @@ def main() -> int:
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else common.machine(),
               "shapes": {k: v for k, v in vars(args).items() if k not in ("device", "contexts", "repeat")},
               "rows": []}
-    out = common.RESULTS / f"decode-step-{device.type}.json"
     gib = 1 << 30
     fmt = lambda ms: "-" if ms is None else f"{ms:.2f}"  # noqa: E731
     header = ("| context | full ms (graph) | full device GiB | episodic cold ms (graph) | staged ms | "
@@ -258,12 +257,12 @@ def main() -> int:
                      f"{cold:.2f} ({fmt(cold_graph)}) | {staged:.2f} | {cached:.2f} ({fmt(cached_graph)}) | "
                      f"{memory.device_bytes / gib:.2f} | {memory.host_bytes / gib:.1f} | {ratios[0]} | {ratios[1]} |")
         common.log(lines[-1])
-        out.write_text(json.dumps(report, indent=1))  # every finished context survives a time limit
+        # every finished context survives a time limit; engine-free: no model, the shapes are in the run
+        common.write_run("decode-step", None, device.type, report, report["device"])
         del memory
         if device.type == "cuda":
             torch.cuda.empty_cache()
     print("\n".join(lines))
-    common.log(f"wrote {out}")
     return 0
 
 

@@ -6,8 +6,11 @@
 # Through the device tool, from the repository root:
 #   run(command="bash benchmarks/gpu_check.sh", timeout_s=330)
 # or name some of the steps: bash benchmarks/gpu_check.sh tests kernels decode profile
-# Results land in $OUT (or benchmarks/results when OUT is unset). A failing step is
-# reported and the next one still runs, so one lease gives every number it can.
+# Results land in $OUT (or benchmarks/results when OUT is unset): the canonical result
+# files (kernels-, decode-step-, profile-gpu-step-<gpu>.json, the repository's with this
+# run's runs put in; copy them over benchmarks/results/) and each step's output
+# (NAME.txt, not kept in git). A failing step is reported and the next one still runs,
+# so one lease gives every number it can.
 # DEVICE=cpu rehearses the script here (kernels interpreted, tiny decode step).
 set -uo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
@@ -25,6 +28,8 @@ cp -r "$repo/vllm_episodic/core" "$stage/vllm_episodic/core"
 cp -r "$repo/kernels" "$stage/vllm_episodic/kernels"
 cp "$repo/tests/test_kernels.py" "$stage/tests/"
 cp "$repo"/benchmarks/*.py "$stage/benchmarks/"
+# the scripts put their run into these files; the other runs in them stay
+cp "$repo"/benchmarks/results/{kernels,decode-step,profile-gpu-step}-*.json "$stage/benchmarks/results/" 2>/dev/null
 cd "$stage"
 export PYTHONPATH="$stage${PYTHONPATH:+:$PYTHONPATH}"
 
@@ -55,5 +60,5 @@ step decode 200 python benchmarks/decode_step.py --device "$DEVICE" --contexts $
   --device-gib "${FULL_GIB:-100}" --repeat 5
 cp benchmarks/results/decode-step-*.json "$OUT/" 2>/dev/null
 step profile 90 python benchmarks/profile_gpu_step.py --device "$DEVICE" --context 131072 --layers $layers
-cp benchmarks/results/profile-gpu-step.json "$OUT/" 2>/dev/null
+cp benchmarks/results/profile-gpu-step-*.json "$OUT/" 2>/dev/null
 exit 0

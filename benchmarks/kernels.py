@@ -13,14 +13,14 @@ For each batch size (rows) and event count (all rows together):
   a large pinned host→device copy, the link);
 - attention: one decode query per row over sinks + budget + window keys in a block list.
 
-Prints a table and writes benchmarks/results/kernels-<device>.json. Triton on CPU
-exists only as an interpreter, so on CPU only the references are timed.
+Prints a table and puts the run under the label ``<device>`` (cpu, cuda) in
+benchmarks/results/kernels-<machine>.json (the machine: the CPU's family or the GPU's
+model). Triton on CPU exists only as an interpreter, so on CPU only the references are timed.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -204,12 +204,9 @@ def main() -> int:
                      f"{attention.get('triton', float('nan')):.0f} | "
                      f"{args.sinks + args.budget + args.window} keys per row |")
         common.log(lines[-1])
-    out = common.RESULTS / f"kernels-{args.device}.json"
-    out.write_text(json.dumps(report, indent=1))
-    (common.RESULTS / f"kernels-{args.device}.md").write_text(f"{report['machine']}, {args.dtype}\n\n"
-                                                              + "\n".join(lines) + "\n")
+    # engine-free: no model; the shapes are in the run
+    common.write_run("kernels", None, device.type, report, report["machine"])
     print("\n".join(lines))
-    common.log(f"wrote {out}")
     return 0
 
 

@@ -12,7 +12,8 @@ episodic holds sinks + event cache + window (+ a prefill chunk) whatever the len
 
     python benchmarks/memory.py --model smollm2-135m --lengths 8192 32768 65536
 
-Writes benchmarks/results/memory-<model>.json and prints a markdown table.
+Prints a markdown table and puts the run under the label ``--tag`` (without its dash;
+``default`` without one) in benchmarks/results/memory-<model>-<machine>.json.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def main() -> int:
     parser.add_argument("--episodic", default='{"preset": "smollm2"}')
     parser.add_argument("--decode-tokens", type=int, default=16)
     parser.add_argument("--kv-space-gib", type=int, default=8)
-    parser.add_argument("--tag", default="", help="suffix of the JSON name (runs of one backend each)")
+    parser.add_argument("--tag", default="", help="the run's label in the result file, e.g. runs of one backend each")
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(args.kv_space_gib))
 
@@ -125,10 +126,7 @@ def main() -> int:
             lines.append(f"| {row['context']} | {backend} | {row['blocks_decode']} | "
                          f"{row['device_kv_bytes_decode'] / 2**20:.0f} | {row['blocks_prefill_peak']} | {host} |")
     print("\n".join(lines))
-    out = common.RESULTS / f"memory-{Path(args.model).name}{args.tag}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
-    common.log(f"wrote {out}")
+    common.write_run("memory", args.model, common.run_label(args.tag), report, report["machine"])
     return 0
 
 

@@ -250,7 +250,7 @@ def main() -> int:
             cell["run"] = run
     text = table(report)
     print(text)
-    out = Path(args.out) if args.out else common.RESULTS / f"multiturn-{Path(args.model).name}.json"
+    out = Path(args.out) if args.out else common.result_path("multiturn", args.model, report["machine"])
     common.write_report(out, report, args.merge)
     return 0
 

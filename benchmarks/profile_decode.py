@@ -18,7 +18,8 @@ in-process engine. The episodic step is split by timing the memory's own entry p
 ``--slow-steps`` also lists the decode steps slower than 1.5x the median (the retrieval
 steps, a new bounded frame) with their parts.
 
-Prints a table and writes benchmarks/results/profile-decode.json.
+Prints a table and puts the run under ``--label`` in
+benchmarks/results/profile-decode-<model>-<machine>.json (``--out``: a file of its own).
 """
 
 from __future__ import annotations
@@ -128,7 +129,9 @@ def main() -> int:
     parser.add_argument("--backends", nargs="+", default=["episodic", "stock"])
     parser.add_argument("--max-model-len", type=int, default=None,
                         help="engine max_model_len (default: just the prompt and the decoded tokens)")
-    parser.add_argument("--out", default=None, help="JSON path (default: results/profile-decode.json)")
+    parser.add_argument("--label", default="default",
+                        help="the run's label in results/profile-decode-<model>-<machine>.json")
+    parser.add_argument("--out", default=None, help="write the report to this JSON file instead")
     parser.add_argument("--slow-steps", action="store_true",
                         help="also list each episodic decode step slower than 1.5x the median, with its parts")
     parser.add_argument("--random-prompt", action="store_true",
@@ -189,7 +192,10 @@ def main() -> int:
         lines.append(f"| **episodic step** | **{episodic['step_ms']:.2f}** | |")
     if "stock" in report:
         lines.append(f"| stock vLLM step (same context) | {report['stock']['step_ms']:.2f} | |")
-    (Path(args.out) if args.out else common.RESULTS / "profile-decode.json").write_text(json.dumps(report, indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1))
+    else:
+        common.write_run("profile-decode", args.model, args.label, report, report["machine"])
     print("\n".join(lines))
     return 0
 

@@ -3,14 +3,14 @@
 
     python benchmarks/profile_gpu_step.py --context 131072    # on a GPU machine
 
-Prints the kernels by total GPU time per step and writes
-benchmarks/results/profile-gpu-step.json.
+Prints the kernels by total GPU time per step and puts the run under the label
+``default`` in benchmarks/results/profile-gpu-step-<machine>.json (e.g. h200).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -27,13 +27,14 @@ def main() -> int:
     parser.add_argument("--context", type=int, default=131_072)
     parser.add_argument("--steps", type=int, default=3)
     args, rest = parser.parse_known_args()
+    command = "python " + shlex.join(sys.argv)
     sys.argv = [sys.argv[0], "--contexts", str(args.context), *rest]
     shapes = decode_step.parse_args()
     device, dtype = torch.device(shapes.device), getattr(torch, shapes.dtype)
     memory = decode_step.EpisodicLayers(args.context, shapes, device, dtype)
     cuda = device.type == "cuda"
-    report = {"device": torch.cuda.get_device_name(device) if cuda else common.machine(), "context": args.context,
-              "regimes": {}}
+    report = {"command": command, "device": torch.cuda.get_device_name(device) if cuda else common.machine(),
+              "context": args.context, "regimes": {}}
     # on CPU (a rehearsal) the ops' own CPU time stands in for kernel time
     activity = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
     spent = (lambda e: e.device_time_total) if cuda else (lambda e: e.self_cpu_time_total)  # noqa: E731
@@ -53,9 +54,7 @@ def main() -> int:
         print("| kernel | ms per step | launches per step |\n|---|---|---|")
         for key, ms, n in rows[:15]:
             print(f"| {key[:70]} | {ms:.3f} | {n} |")
-    out = common.RESULTS / "profile-gpu-step.json"
-    out.write_text(json.dumps(report, indent=1))
-    common.log(f"wrote {out}")
+    common.write_run("profile-gpu-step", None, "default", report, report["device"])
     return 0
 
 

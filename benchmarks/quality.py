@@ -18,7 +18,7 @@ OpenAI chat API, greedy, one after the other, in the same run; stock only up to
         --bands middle --samples 20 --episodic '{"preset": "smollm2"}'
 
 Prints a task x length table per band and writes JSON (the command, commit, machine,
-config and every answer) to benchmarks/results/quality-<suite>-<model>.json.
+config and every answer) to benchmarks/results/quality-<suite>-<model>-<machine>.json.
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def main() -> int:
     parser.add_argument("--out", default=None)
     parser.add_argument("--merge", action="store_true",
                         help="keep the cells of the result file at --out that this run does not measure "
-                             "(one file per suite and model; each cell names the run that measured it)")
+                             "(one file per suite, model and machine; each cell names the run that measured it)")
     args = parser.parse_args()
     args.tasks = args.tasks or list(SUITES[args.suite])
     unknown = sorted(set(args.tasks) - set(SUITES[args.suite]))
@@ -157,7 +157,7 @@ def main() -> int:
             cell["run"] = run
     text = table(report, args.tasks, args.lengths, args.backends, args.bands)
     print(text)
-    out = Path(args.out) if args.out else common.RESULTS / f"quality-{args.suite}-{Path(args.model).name}.json"
+    out = Path(args.out) if args.out else common.result_path(f"quality-{args.suite}", args.model, report["machine"])
     common.write_report(out, report, args.merge)
     return 0
 

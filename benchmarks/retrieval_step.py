@@ -10,8 +10,8 @@ scoring), and each request's cache codes and slot-table update. No vLLM needed.
 
     python benchmarks/retrieval_step.py --context 16000 --requests 1 4
 
-Prints a table (median ms per step over ``--steps``) and writes
-benchmarks/results/retrieval-step.json.
+Prints a table (median ms per step over ``--steps``) and puts the run under ``--label`` in
+benchmarks/results/retrieval-step-<machine>.json (``--out``: a file of its own).
 """
 
 from __future__ import annotations
@@ -119,7 +119,8 @@ def main() -> None:
     parser.add_argument("--kv-heads", type=int, default=3)
     parser.add_argument("--head-size", type=int, default=64)
     parser.add_argument("--block-size", type=int, default=128)
-    parser.add_argument("--out", default=str(ROOT / "results" / "retrieval-step.json"))
+    parser.add_argument("--label", default="default", help="the run's label in results/retrieval-step-<machine>.json")
+    parser.add_argument("--out", default=None, help="write the report to this JSON file instead")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -133,10 +134,15 @@ def main() -> None:
         total = row["scoring"] + row["retrieval"] + row["codes + slots"]
         print(f"| {row['requests']} | {row['events_per_request']} | {row['scoring']:.2f} | {row['retrieval']:.2f} | "
               f"{row['codes + slots']:.2f} | {total / row['requests']:.2f} |")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"machine": common.machine(), "threads": torch.get_num_threads(),
-                                          "context": args.context, "episodic": args.episodic, "rows": rows},
-                                         indent=1))
+    report = {"machine": common.machine(), "threads": torch.get_num_threads(), "context": args.context,
+              "episodic": args.episodic,
+              "shapes": {k: getattr(args, k) for k in ("layers", "heads", "kv_heads", "head_size", "block_size")},
+              "rows": rows}
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1))
+    else:  # engine-free: no model, its shapes (SmolLM2-135M's by default) in the run
+        common.write_run("retrieval-step", None, args.label, report, report["machine"])
 
 
 if __name__ == "__main__":

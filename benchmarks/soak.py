@@ -7,8 +7,10 @@ Bounded in time (``--minutes``) and count (``--max-requests``). Every
 ``--sample-seconds`` it records the server's episodic gauges from ``/metrics`` (host
 bytes, device cache tokens, requests tracked) and the resident memory of the server's
 processes. At the end, once the server is idle, it checks that host bytes and tracked
-requests are back to zero. Writes benchmarks/results/soak.{json,png} and prints errors
-and latency percentiles.
+requests are back to zero. Prints errors and latency percentiles and puts the run under
+the label ``--tag`` (without its dash; ``default`` without one) in
+benchmarks/results/soak-<model>-<machine>.json, its plot beside it
+(soak-<model>-<machine>-<label>.png).
 """
 
 from __future__ import annotations
@@ -213,9 +215,9 @@ def main() -> int:
         "final": soak.final, "peak_rss_bytes": max(s["rss_bytes"] for s in soak.samples),
         "first_rss_bytes": soak.samples[0]["rss_bytes"], "samples": soak.samples, "results": results,
     }
-    stem = f"soak{args.tag}"
-    (common.RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=1))
-    plot(soak.samples, common.RESULTS / f"{stem}.png",
+    label = common.run_label(args.tag)
+    path = common.write_run("soak", args.model, label, report, report["machine"])
+    plot(soak.samples, path.with_name(f"{path.stem}-{label}.png"),
          f"soak: {args.concurrency} concurrent x {args.minutes} min, {report['machine']}")
     print(json.dumps({k: report[k] for k in ("requests", "outcomes", "latency_s", "ttft_s", "errors")}, indent=1))
     print(f"after the run: host bytes {soak.final['vllm_episodic_host_bytes']}, tracked "

@@ -8,8 +8,10 @@ For each backend in turn, starts `vllm serve` on the same model, then drives
     python benchmarks/throughput.py --model smollm2-135m --lengths 2048 8192 16384 30000 \\
         --concurrency 1 4 --episodic '{"preset": "fast"}'
 
-Decode tok/s = 1000 / mean TPOT (ms). Writes benchmarks/results/throughput-<model>.{json,md}
-and PNG plots (decode tok/s, TTFT and TPOT against context length, both backends).
+Decode tok/s = 1000 / mean TPOT (ms). Prints a table and puts the run (its rows, the raw
+`vllm bench serve` results, command, commit and config) under the label ``--tag`` (without
+its dash; ``default`` without one) in benchmarks/results/throughput-<model>-<machine>.json,
+with a PNG plot beside it (decode tok/s, TTFT and TPOT against context length, both backends).
 """
 
 from __future__ import annotations
@@ -39,16 +41,15 @@ def bench(base: str, model_dir: str, length: int, concurrency: int, args, out_di
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"vllm bench serve failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-    row = read_row(out_dir / name, length, concurrency)
+    row = read_row(json.loads((out_dir / name).read_text()), length, concurrency)
     row["wall_s"] = time.time() - began
     common.log(f"{tag} {length} c{concurrency}: TTFT {row['mean_ttft_ms'] / 1000:.1f} s, "
                f"TPOT {row['mean_tpot_ms']:.1f} ms ({row['decode_tok_s']:.1f} tok/s), failed {row['failed']}")
     return row
 
 
-def read_row(path: Path, length: int, concurrency: int) -> dict:
-    """One table row from a result file of `vllm bench serve`."""
-    result = json.loads(path.read_text())
+def read_row(result: dict, length: int, concurrency: int) -> dict:
+    """One table row from a result of `vllm bench serve`."""
     return {
         "input_len": length, "concurrency": concurrency, "num_prompts": result.get("num_prompts"),
         "mean_ttft_ms": result["mean_ttft_ms"], "median_ttft_ms": result["median_ttft_ms"],
@@ -119,10 +120,12 @@ def main() -> int:
                              "'auto' is vLLM's own default: one core left to the API server)")
     parser.add_argument("--serve-args", default="",
                         help="more `vllm serve` flags for both backends, e.g. '--max-num-batched-tokens 2048'")
-    parser.add_argument("--tag", default="", help="suffix of the output files and of the raw files' folder")
+    parser.add_argument("--tag", default="", help="the run's label in the result file (without its leading dash), "
+                                                  "and the suffix of the raw files' folder")
     parser.add_argument("--reuse", nargs="*", default=[], choices=["stock", "episodic"],
                         help="take these backends' rows from the result files of an earlier run "
-                             "with the same tag (benchmarks/results/bench-serve/<model><tag>) instead of serving them again")
+                             "with the same tag (benchmarks/results/bench-serve/<model><tag>, else its run in the "
+                             "result file) instead of serving them again")
     args = parser.parse_args()
 
     model_dir = common.resolve_model(args.model)
@@ -132,14 +135,22 @@ def main() -> int:
     report = {"model": args.model, "machine": common.machine(), "episodic_config": json.loads(args.episodic),
               "output_len": args.output_len, "num_prompts": args.num_prompts,
               "threads_bind": common.threads_binding(args.threads_bind), "serve_args": args.serve_args}
+    label = common.run_label(args.tag)
+    kept = common.result_path("throughput", args.model, report["machine"])
+    earlier = json.loads(kept.read_text()).get("runs", {}).get(label, {}) if args.reuse and kept.exists() else {}
+
+    def raw(name: str) -> dict | None:
+        """A `vllm bench serve` result of this run or (--reuse) of the earlier run with this tag."""
+        path = out_dir / f"{name}.json"
+        return json.loads(path.read_text()) if path.exists() else earlier.get("bench_serve", {}).get(name)
+
     for backend in args.backends:
         lengths = [n for n in args.lengths if backend == "episodic" or n <= args.stock_max_len]
         if not lengths:
             continue
         if backend in args.reuse:
-            report[backend] = [{**read_row(out_dir / f"{backend}-{n}-c{c}.json", n, c), "backend": backend}
-                               for n in lengths for c in args.concurrency
-                               if (out_dir / f"{backend}-{n}-c{c}.json").exists()]
+            report[backend] = [{**read_row(raw(f"{backend}-{n}-c{c}"), n, c), "backend": backend}
+                               for n in lengths for c in args.concurrency if raw(f"{backend}-{n}-c{c}")]
             continue
         max_len = max(lengths) + args.output_len + 64
         rows = []
@@ -152,13 +163,12 @@ def main() -> int:
                     row["backend"] = backend
                     rows.append(row)
         report[backend] = rows
-    stem = f"throughput-{Path(args.model).name}{args.tag}"
-    (common.RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=1))
-    table = markdown(report)
-    (common.RESULTS / f"{stem}.md").write_text(f"{report['model']} on {report['machine']}\n\n{table}\n")
-    plot(report, common.RESULTS / f"{stem}.png")
-    print(table)
-    common.log(f"wrote {common.RESULTS / stem}.{{json,md,png}}")
+    # the raw results of `vllm bench serve` of the rows, kept with them (the folder is not kept in git)
+    names = [f"{b}-{r['input_len']}-c{r['concurrency']}" for b in args.backends for r in report.get(b, [])]
+    report["bench_serve"] = {name: raw(name) for name in names}
+    path = common.write_run("throughput", args.model, label, report, report["machine"])
+    plot(report, path.with_name(f"{path.stem}-{label}.png"))
+    print(markdown(report))
     return 0
 
 
