@@ -148,18 +148,24 @@ def event_mass_reference(queries: torch.Tensor, reps: torch.Tensor, available: t
 class _Workspace:
     """Scratch tensors kept between calls, grown to the largest asked for: a fresh
     tensor of tens of MiB comes from the allocator's mmap and page-faults on first
-    touch, which cost :func:`token_mass_reference` half its time (16 ms against 8 ms
-    at 16K tokens, 32 queries of Qwen2.5-0.5B's shape, 2 cores). Each call hands out
+    touch, which cost :func:`token_mass_reference` half its time alone (16 ms against
+    8.8 ms at 16K tokens, 32 queries of Qwen2.5-0.5B's shape, 2 cores; in the engine,
+    whose allocator reuses more, a follow-up turn's 24 layers took 0.23 s against
+    0.27 s). Each call hands out
     views that are only valid until the next call (one engine step uses them at once)."""
 
     def __init__(self) -> None:
         self._tensors: dict[str, torch.Tensor] = {}
 
     def take(self, name: str, shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """A ``shape`` view on ``like``'s device."""
+        """A ``shape`` view on ``like``'s device. A tensor made under ``torch.inference_mode``
+        (the engine's steps) cannot be written in place outside it (a test, a benchmark
+        calling the kernel), nor is one made outside it what inference mode wants: each
+        mode gets its own."""
         numel = math.prod(shape)
         held = self._tensors.get(name)
-        if held is None or held.dtype != dtype or held.device != like.device or held.numel() < numel:
+        if (held is None or held.dtype != dtype or held.device != like.device or held.numel() < numel
+                or held.is_inference() != torch.is_inference_mode_enabled()):
             held = self._tensors[name] = torch.empty(numel, dtype=dtype, device=like.device)
         return held[:numel].view(shape)
 

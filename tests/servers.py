@@ -14,12 +14,17 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
+from vllm_episodic import envs
+
 VLLM = str(Path(sys.executable).with_name("vllm"))
 
 
 def env() -> dict[str, str]:
     env = dict(os.environ)
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # a real server: separate processes
+    # its own metrics directory: inherited, its /metrics would also sum the snapshots of
+    # this test process's in-process engines
+    env.pop(envs.METRICS_DIR, None)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     return env

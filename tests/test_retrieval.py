@@ -329,7 +329,10 @@ def test_token_mass_equals_per_head_softmax_over_tokens(dtype):
         want += best
     tolerance = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
     seven_queries = 4 * kv_heads * owner.numel() * (heads // kv_heads) * 7
-    for scratch in ({"scratch_bytes": seven_queries}, {}):
-        got = token_mass(queries, keys, owner, events, **scratch)
+    # the engine calls it under inference mode, tests and benchmarks outside: its reused
+    # workspace must serve both, in either order
+    for inference, scratch in ((True, {}), (False, {"scratch_bytes": seven_queries}), (False, {}), (True, {})):
+        with torch.inference_mode(inference):
+            got = token_mass(queries, keys, owner, events, **scratch)
         torch.testing.assert_close(got.double(), want, atol=tolerance, rtol=tolerance)
         assert got[3] == 0

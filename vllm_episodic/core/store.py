@@ -213,7 +213,8 @@ class HostStore:
     def _span(self, layer: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V ``[end - start, num_kv_heads, head_size]`` of one layer's consecutive tokens:
         a slice of each page copied (all of memory, read at the prompt's end, is such a
-        run; an indexed gather of it costs ~4x more)."""
+        run; a follow-up turn at 16K tokens read it in 0.10 s over all layers against
+        0.20 s by indexed gathers, Qwen2.5-0.5B, 2 cores)."""
         _, num_kv_heads, page_tokens, head_size = self.shape
         keys = torch.empty((end - start, num_kv_heads, head_size), dtype=self.dtype)
         values = torch.empty_like(keys)

@@ -24,7 +24,7 @@ A step, as the runtime sees it:
    moves the tokens that left the window into events (:meth:`after_forward`);
 6. logits hook: keep each row's next-token logits for the next token's surprise.
 
-``runner_hooks.runtime_of`` creates the runtime, installs its model hooks and
+``runner_hooks._runtime_of`` creates the runtime, installs its model hooks and
 registers it (:func:`register`); the registry holds runtimes weakly, so an engine that
 goes away takes its runtime with it.
 """
