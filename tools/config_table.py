@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from vllm_episodic.config import EpisodicConfig
+from tools.markers import held, replaced  # noqa: E402
+from vllm_episodic.config import EpisodicConfig  # noqa: E402
 
 START = "<!-- config-table:start -->"
 END = "<!-- config-table:end -->"
@@ -65,27 +66,15 @@ def table() -> str:
     return "\n".join(lines)
 
 
-def _span(text: str, path: Path) -> tuple[int, int]:
-    """Where the generated block lies in ``text``: after the start marker's line, up to
-    the end marker."""
-    start, end = text.find(START), text.find(END)
-    if start < 0 or end < start or text.count(START) != 1 or text.count(END) != 1:
-        raise SystemExit(f"{path}: expected one {START} followed by one {END}")
-    return text.index("\n", start) + 1, end
-
-
 def current(path: Path) -> str:
     """The table as it stands between the markers of ``path``."""
-    text = path.read_text()
-    begin, end = _span(text, path)
-    return text[begin:end].strip("\n")
+    return held(path.read_text(), START, END, path)
 
 
 def write(path: Path) -> bool:
     """Replace the block between the markers with the generated table; True if changed."""
     text = path.read_text()
-    begin, end = _span(text, path)
-    updated = text[:begin] + table() + "\n" + text[end:]
+    updated = replaced(text, START, END, path, table())
     if updated != text:
         path.write_text(updated)
     return updated != text

@@ -26,6 +26,11 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tools.markers import held, replaced  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 PAGE = ROOT / "docs" / "benchmarks.md"
 
@@ -248,33 +253,20 @@ def _markers(name: str) -> tuple[str, str]:
     return f"<!-- table:{name}:start -->", f"<!-- table:{name}:end -->"
 
 
-def _span(text: str, name: str, path: Path) -> tuple[int, int]:
-    """Where table ``name`` lies in ``text``: after its start marker's line, up to its end marker."""
-    start, end = _markers(name)
-    if text.count(start) != 1 or text.count(end) != 1 or text.find(end) < text.find(start):
-        raise SystemExit(f"{path}: expected one {start} followed by one {end}")
-    return text.index("\n", text.find(start)) + 1, text.find(end)
-
-
 def current(path: Path) -> dict[str, str]:
     """Each table as it stands between its markers in ``path``."""
     text = path.read_text()
-    out = {}
-    for name in TABLES:
-        begin, end = _span(text, name, path)
-        out[name] = text[begin:end].strip("\n")
-    return out
+    return {name: held(text, *_markers(name), path) for name in TABLES}
 
 
 def write(path: Path) -> list[str]:
     """Replace every table between its markers; the names of those that changed."""
     text, changed = path.read_text(), []
     for name, make in TABLES.items():
-        begin, end = _span(text, name, path)
         table = make()
-        if text[begin:end].strip("\n") != table:
+        if held(text, *_markers(name), path) != table:
             changed.append(name)
-        text = text[:begin] + table + "\n" + text[end:]
+        text = replaced(text, *_markers(name), path, table)
     if changed:
         path.write_text(text)
     return changed
