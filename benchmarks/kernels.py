@@ -205,7 +205,7 @@ def main() -> int:
                      f"{args.sinks + args.budget + args.window} keys per row |")
         common.log(lines[-1])
     # engine-free: no model; the shapes are in the run
-    common.write_run("kernels", None, device.type, report, report["machine"])
+    common.write_run("kernels", None, device.type, report)
     print("\n".join(lines))
     return 0
 

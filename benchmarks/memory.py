@@ -126,7 +126,7 @@ def main() -> int:
             lines.append(f"| {row['context']} | {backend} | {row['blocks_decode']} | "
                          f"{row['device_kv_bytes_decode'] / 2**20:.0f} | {row['blocks_prefill_peak']} | {host} |")
     print("\n".join(lines))
-    common.write_run("memory", args.model, common.run_label(args.tag), report, report["machine"])
+    common.write_run("memory", args.model, common.run_label(args.tag), report)
     return 0
 
 

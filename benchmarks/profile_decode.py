@@ -195,7 +195,7 @@ def main() -> int:
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1))
     else:
-        common.write_run("profile-decode", args.model, args.label, report, report["machine"])
+        common.write_run("profile-decode", args.model, args.label, report)
     print("\n".join(lines))
     return 0
 

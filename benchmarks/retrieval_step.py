@@ -142,7 +142,7 @@ def main() -> None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1))
     else:  # engine-free: no model, its shapes (SmolLM2-135M's by default) in the run
-        common.write_run("retrieval-step", None, args.label, report, report["machine"])
+        common.write_run("retrieval-step", None, args.label, report)
 
 
 if __name__ == "__main__":

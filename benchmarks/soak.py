@@ -216,7 +216,7 @@ def main() -> int:
         "first_rss_bytes": soak.samples[0]["rss_bytes"], "samples": soak.samples, "results": results,
     }
     label = common.run_label(args.tag)
-    path = common.write_run("soak", args.model, label, report, report["machine"])
+    path = common.write_run("soak", args.model, label, report)
     plot(soak.samples, path.with_name(f"{path.stem}-{label}.png"),
          f"soak: {args.concurrency} concurrent x {args.minutes} min, {report['machine']}")
     print(json.dumps({k: report[k] for k in ("requests", "outcomes", "latency_s", "ttft_s", "errors")}, indent=1))

@@ -166,7 +166,7 @@ def main() -> int:
     # the raw results of `vllm bench serve` of the rows, kept with them (the folder is not kept in git)
     names = [f"{b}-{r['input_len']}-c{r['concurrency']}" for b in args.backends for r in report.get(b, [])]
     report["bench_serve"] = {name: raw(name) for name in names}
-    path = common.write_run("throughput", args.model, label, report, report["machine"])
+    path = common.write_run("throughput", args.model, label, report)
     plot(report, path.with_name(f"{path.stem}-{label}.png"))
     print(markdown(report))
     return 0

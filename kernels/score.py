@@ -151,8 +151,8 @@ class _Workspace:
     touch, which cost :func:`token_mass_reference` half its time alone (16 ms against
     8.8 ms at 16K tokens, 32 queries of Qwen2.5-0.5B's shape, 2 cores; in the engine,
     whose allocator reuses more, a follow-up turn's 24 layers took 0.23 s against
-    0.27 s). Each call hands out
-    views that are only valid until the next call (one engine step uses them at once)."""
+    0.27 s). Each call hands out views that are only valid until the next call (one
+    engine step uses them at once)."""
 
     def __init__(self) -> None:
         self._tensors: dict[str, torch.Tensor] = {}
