@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from vllm_episodic import envs
+from vllm_episodic.core.store import PAGE_TOKENS
 
 VLLM = str(Path(sys.executable).with_name("vllm"))
 
@@ -35,6 +36,9 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
+
+# one host-store page of SmolLM2 (30 layers, 3 KV heads of 64) in float32, as served below
+PAGE_BYTES = 2 * 30 * 3 * PAGE_TOKENS * 64 * 4
 
 # small window and cache: a 1.5K-token prompt already forms events
 SMALL = {"sink_tokens": 64, "window_tokens": 256, "retrieval_budget_tokens": 256,

@@ -9,18 +9,15 @@ import time
 
 import pytest
 
-from servers import SMALL, get, long_prompt, metric, post, post_status, wait_idle
-from vllm_episodic.core.store import PAGE_TOKENS
+from servers import PAGE_BYTES, SMALL, get, long_prompt, metric, post, post_status, wait_idle
 
 pytestmark = pytest.mark.server
-
-PAGE_GIB = 2 * 30 * 3 * PAGE_TOKENS * 64 * 4 / 2**30  # one host-store page of SmolLM2 in float32 (servers.serve_args)
 
 
 @pytest.fixture(scope="module")
 def server_settings():
     # room for one page: a request that formed memory fills the cap
-    return {**SMALL, "host_memory_gib": 1.5 * PAGE_GIB, "kept_memory_gib": None, "host_memory_policy": "reject"}
+    return {**SMALL, "host_memory_gib": 1.5 * PAGE_BYTES / 2**30, "kept_memory_gib": None, "host_memory_policy": "reject"}
 
 
 def test_new_requests_are_rejected_at_the_cap_and_served_after(server):

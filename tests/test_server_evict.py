@@ -9,12 +9,9 @@ import time
 
 import pytest
 
-from servers import SMALL, get, long_prompt, metric, post, wait_idle
-from vllm_episodic.core.store import PAGE_TOKENS
+from servers import PAGE_BYTES, SMALL, get, long_prompt, metric, post, wait_idle
 
 pytestmark = pytest.mark.server
-
-PAGE_BYTES = 2 * 30 * 3 * PAGE_TOKENS * 64 * 4  # one host-store page of SmolLM2 in float32 (servers.serve_args)
 
 
 @pytest.fixture(scope="module")
