@@ -1,7 +1,8 @@
 """Kernels of the episodic memory, each with its pure-torch reference, and the one place
 that chooses between them.
 
-Triton kernels run where the tensors are on a GPU and Triton is importable; the torch
+Triton kernels run where the tensors are on a GPU and Triton is importable (or, with
+``VLLM_EPISODIC_TRITON_ON_CPU=1``, on the CPU under Triton's interpreter); the torch
 references run everywhere else (Triton has no CPU driver, only its interpreter, which
 the tests use). ``VLLM_EPISODIC_TORCH_KERNELS=1`` forces the references.
 
@@ -39,8 +40,11 @@ __all__ = ["Prefetcher", "block_attention", "event_mass", "gather_rotate", "rank
 
 
 def uses_triton(tensor: torch.Tensor) -> bool:
-    """Whether work on ``tensor`` goes to the Triton kernels."""
-    return tensor.is_cuda and HAS_TRITON and not envs.get("VLLM_EPISODIC_TORCH_KERNELS")
+    """Whether work on ``tensor`` goes to the Triton kernels: on a GPU, or on the CPU
+    under Triton's interpreter when the Triton path is asked for there
+    (``VLLM_EPISODIC_TRITON_ON_CPU``)."""
+    on_device = tensor.is_cuda or envs.get("VLLM_EPISODIC_TRITON_ON_CPU")
+    return bool(on_device) and HAS_TRITON and not envs.get("VLLM_EPISODIC_TORCH_KERNELS")
 
 
 def score_events(query, reps, owner, available) -> torch.Tensor:

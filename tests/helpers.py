@@ -22,3 +22,28 @@ def flush_finished(llm) -> None:
     as outputs are complete, so in-process tests take it explicitly.
     """
     llm.llm_engine.step()
+
+
+def cut_model(source, dest, layers: int):
+    """A copy of the HF model folder ``source`` keeping its first ``layers`` decoder
+    layers (config and weights), in ``dest``: the same tokenizer and embeddings, a
+    fraction of the cost (for the Triton-interpreter tests)."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    source, dest = Path(source), Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for item in source.iterdir():
+        if item.is_file() and item.suffix != ".safetensors":
+            shutil.copy(item, dest / item.name)
+    config = json.loads((source / "config.json").read_text())
+    config["num_hidden_layers"] = layers
+    (dest / "config.json").write_text(json.dumps(config))
+    for weights in source.glob("*.safetensors"):
+        kept = {name: tensor for name, tensor in load_file(weights).items()
+                if not (name.startswith("model.layers.") and int(name.split(".")[2]) >= layers)}
+        save_file(kept, dest / weights.name, metadata={"format": "pt"})
+    return dest

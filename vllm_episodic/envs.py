@@ -16,6 +16,9 @@ ENVIRONMENT = {
     "VLLM_EPISODIC_REFERENCE": lambda: os.environ.get("VLLM_EPISODIC_REFERENCE", "0") == "1",
     # run the kernels' torch references even where Triton could run (GPU tensors)
     "VLLM_EPISODIC_TORCH_KERNELS": lambda: os.environ.get("VLLM_EPISODIC_TORCH_KERNELS", "0") == "1",
+    # on the CPU platform, serve through vLLM's Triton attention backend (and run our
+    # Triton kernels) under Triton's interpreter: the GPU path, testable without a GPU
+    "VLLM_EPISODIC_TRITON_ON_CPU": lambda: os.environ.get("VLLM_EPISODIC_TRITON_ON_CPU", "0") == "1",
     METRICS_DIR: lambda: os.environ.get(METRICS_DIR) or None,
     # where converted models live (``models.py``); else $XDG_CACHE_HOME (or ~/.cache)
     "VLLM_EPISODIC_MODELS": lambda: os.environ.get("VLLM_EPISODIC_MODELS") or None,

@@ -76,9 +76,17 @@ class FrameKeys:
         Args:
             layer: the layer, or ``(tokens,)`` each token's layer (several in one gather).
         """
+        return rotated(*self.code_tokens(layer, codes, frame, anchor), rope)
+
+    def code_tokens(self, layer: int | torch.Tensor, codes: torch.Tensor, frame: Frame,
+                    anchor: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What :meth:`code_keys` rotates: un-rotated ``keys, values [tokens,
+        num_kv_heads, head_size]`` from the host store and the ``(tokens,)`` positions
+        their keys are rotated to (a device cache may rotate them on its way in)."""
         positions, back = codes // self.code_span, codes % self.code_span
         target = positions if frame is Frame.EXACT else anchor - back
-        return _rotated(self.store, layer, positions, target, rope)
+        keys, values = self.store.gather(layer, positions)
+        return keys, values, target
 
     def sink_keys(self, layers: torch.Tensor, frame: Frame, anchor: int, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V ``[len(layers) * sinks, num_kv_heads, head_size]`` (layer-major) of the
@@ -87,7 +95,8 @@ class FrameKeys:
         positions = torch.arange(sinks).repeat(len(layers))
         shift = anchor - self.layout.max_memory - self.settings.max_event_tokens - sinks
         target = positions if frame is Frame.EXACT else positions + shift
-        return _rotated(self.store, layers.repeat_interleave(sinks), positions, target, rope)
+        keys, values = self.store.gather(layers.repeat_interleave(sinks), positions)
+        return rotated(keys, values, target, rope)
 
     def reference_attention(self, layer: int, plan: RowPlan, query: torch.Tensor,
                             selection: Selection, local_keys: torch.Tensor,
@@ -122,15 +131,15 @@ def event_tokens(starts: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tens
     return starts[owner] + rank, owner
 
 
-def _rotated(store: HostStore, layer: int | torch.Tensor, positions: torch.Tensor, target: torch.Tensor,
-             rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stored tokens at ``positions`` (of ``layer``, or of each token's layer) with keys
-    rotated to ``target`` positions: ``keys, values [tokens, num_kv_heads, head_size]``."""
-    keys, values = store.gather(layer, positions)
+def rotated(keys: torch.Tensor, values: torch.Tensor, target: torch.Tensor,
+            rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
+    """Un-rotated ``keys`` (and their ``values``) ``[tokens, num_kv_heads, head_size]``
+    with keys rotated to ``target (tokens,)`` positions: the engine's fused op where it
+    can, else :func:`~vllm_episodic.kernels.gather_rotate`."""
     fused = rope.rotate_keys(keys, target)
     if fused is not None:
         return fused, values
     out_k, out_v = torch.empty_like(keys), torch.empty_like(values)
-    rows = torch.arange(positions.numel())
+    rows = torch.arange(target.numel())
     gather_rotate(keys, values, rows, out_k, out_v, rows, rope.table, target, rope.is_neox_style)
     return out_k, out_v

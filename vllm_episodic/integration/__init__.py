@@ -6,7 +6,8 @@ patches documented in each module: ``selection`` (backend name, platform, config
 checks), ``kv_spec`` (a sink + window paged-KV spec), ``runner_hooks`` (request ids,
 finish/abort, surprise), ``prefix_reuse`` (kept memories: later requests sharing a
 prefix skip its prefill), ``rope_patch`` (RoPE table length), ``admission`` (503 at the
-host memory cap), and exposes our metrics
+host memory cap), ``triton_on_cpu`` (vLLM's Triton backend under Triton's interpreter,
+only when asked for), and exposes our metrics
 on the process's prometheus registry.
 """
 
@@ -23,8 +24,10 @@ def register() -> None:
 
     check_vllm_version()
     from vllm_episodic import metrics
-    from vllm_episodic.integration import admission, kv_spec, prefix_reuse, runner_hooks, selection
+    from vllm_episodic.integration import admission, kv_spec, prefix_reuse, runner_hooks, selection, triton_on_cpu
 
+    if triton_on_cpu.wanted():
+        triton_on_cpu.install()
     kv_spec.register_spec()
     admission.install()
     selection.install_backend_name()

@@ -1,6 +1,10 @@
-"""Reading tokens out of vLLM's CPU paged KV cache.
+"""Reading and writing tokens of vLLM's paged KV cache, for each backend we subclass.
 
-A layer's cache is ``[num_blocks, num_kv_heads, block_size, 2 * head_size]`` in shape;
+The runtime moves tokens in and out of the paged cache through one interface,
+:class:`PagedKV` (``locate`` slots once, ``read`` them for many layers, ``write``):
+:class:`CpuPagedKV` for vLLM's CPU op, :class:`FlashPagedKV` for its Triton backend.
+
+**CPU op.** A layer's cache is ``[num_blocks, num_kv_heads, block_size, 2 * head_size]`` in shape;
 per (block, KV head) the first ``block_size * head_size`` elements hold keys and the
 rest values. *Inside* those halves the C++ op lays elements out for its SIMD kernels,
 and the layout depends on the ISA it picked (measured: ``vec``/``vec16`` store keys
@@ -13,8 +17,12 @@ transposed, ``[head_size, block_size]``; ``amx`` interleaves pairs of features i
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
+
+from vllm_episodic.core.codes import rotated
+from vllm_episodic.kernels import gather_rotate
 
 
 @dataclass(frozen=True)
@@ -149,3 +157,127 @@ class StackedCaches:
         """Write ``keys``/``values`` ``[n, num_kv_heads, head_size]`` at each token's layer
         and slot (``layers``, ``slots``: ``(n,)`` or broadcastable), one op call."""
         write_slots(self.cache, isa, self.slots(layers, slots).flatten(), keys, values)
+
+
+class PagedKV(Protocol):
+    """Token moves between the runtime and a runner's paged KV caches (all layers).
+
+    ``locate(slots)`` returns tensors indexed by token along dim 0 (a request keeps
+    them while its blocks stay the same); ``read(layers, where)`` gives K/V ``[L, n,
+    num_kv_heads, head_size]`` of every located token in each of ``layers (L,)``, or,
+    with ``each=True`` and ``layers (n,)``, ``[n, num_kv_heads, head_size]`` of token i
+    in layer ``layers[i]``; ``write(layers, slots, keys, values)`` stores ``keys`` /
+    ``values`` ``[m, num_kv_heads, head_size]`` at ``layers`` x ``slots`` broadcast
+    together and flattened (m entries)."""
+
+    block_size: int
+
+    def locate(self, slots: torch.Tensor) -> tuple[torch.Tensor, ...]: ...
+
+    def read(self, layers: torch.Tensor, where: tuple[torch.Tensor, ...], each: bool = False): ...
+
+    def write(self, layers: torch.Tensor, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None: ...
+
+    def write_rotated(self, layers: torch.Tensor, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                      target: torch.Tensor, rope) -> None:
+        """:meth:`write` of un-rotated ``keys`` rotated to ``target (m,)`` positions on
+        the way (``layers``, ``slots``: ``(m,)``)."""
+
+
+class CpuPagedKV:
+    """The CPU op's caches: the in-block layout probed once, every layer's cache one
+    :class:`StackedCaches` (rebuilt if vLLM allocates the caches anew)."""
+
+    def __init__(self, runner, isa: str, dtype: torch.dtype, block_size: int, head_size: int, num_kv_heads: int):
+        self.runner = runner
+        self.isa = isa
+        self.block_size = block_size
+        self.num_kv_heads = num_kv_heads
+        self.layout = probe_layout(isa, dtype, block_size, head_size)
+        # built now so that a KV layout the view cannot address fails at start-up
+        self._stacked: tuple[torch.Tensor, StackedCaches] = self._stack()
+
+    def _stack(self) -> tuple[torch.Tensor, StackedCaches]:
+        return self.runner.kv_caches[0], StackedCaches.of(list(self.runner.kv_caches))
+
+    @property
+    def caches(self) -> StackedCaches:
+        if self._stacked[0] is not self.runner.kv_caches[0]:
+            self._stacked = self._stack()
+        return self._stacked[1]
+
+    def locate(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return slot_offsets(self.layout, slots, self.num_kv_heads)
+
+    def read(self, layers: torch.Tensor, where: tuple[torch.Tensor, ...], each: bool = False):
+        return self.caches.read(layers.view(-1, 1, 1) if each else layers.view(-1, 1, 1, 1), *where)
+
+    def write(self, layers, slots, keys, values) -> None:
+        self.caches.write(self.isa, layers, slots, keys, values)
+
+    def write_rotated(self, layers, slots, keys, values, target, rope) -> None:
+        # the op writes through its own layout: rotate first (the engine's fused op)
+        self.write(layers, slots, *rotated(keys, values, target, rope))
+
+
+class FlashPagedKV:
+    """vLLM's Triton backend caches: per layer ``[num_blocks, num_kv_heads, block_size,
+    2 * head_size]`` in logical order (keys in the first ``head_size`` features, values
+    in the rest; the physical order is the tensor's strides, e.g. vLLM's ``NHD``
+    layout), one tensor per layer. Tokens are addressed by slot through plain indexing,
+    layer by layer."""
+
+    def __init__(self, runner, block_size: int, head_size: int):
+        self.runner = runner
+        self.block_size = block_size
+        self.head_size = head_size
+
+    def locate(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return slots // self.block_size, slots % self.block_size
+
+    def _halves(self, layer: int):
+        cache = self.runner.kv_caches[layer]
+        return cache[..., : self.head_size], cache[..., self.head_size :]
+
+    def read(self, layers: torch.Tensor, where: tuple[torch.Tensor, ...], each: bool = False):
+        block, offset = where
+        if not each:
+            parts = [tuple(half[block, :, offset] for half in self._halves(layer)) for layer in layers.tolist()]
+            return tuple(torch.stack(kind) for kind in zip(*parts))
+        cache = self.runner.kv_caches[0]
+        keys = cache.new_empty((block.numel(), cache.shape[1], self.head_size))
+        values = torch.empty_like(keys)
+        for layer in torch.unique(layers).tolist():
+            mine = (layers == layer).nonzero().flatten()
+            key_half, value_half = self._halves(layer)
+            keys[mine] = key_half[block[mine], :, offset[mine]]
+            values[mine] = value_half[block[mine], :, offset[mine]]
+        return keys, values
+
+    def write_rotated(self, layers, slots, keys, values, target, rope) -> None:
+        """One launch of :func:`~vllm_episodic.kernels.gather_rotate` per layer: the keys
+        are rotated by our Triton kernel (on a GPU, or under the interpreter) as they
+        land in the layer's cache slots."""
+        rows = torch.arange(slots.numel())
+        for layer in torch.unique(layers).tolist():
+            mine = rows[layers == layer]
+            dst_k, dst_v = self._slot_views(layer)
+            gather_rotate(keys, values, mine, dst_k, dst_v, slots[mine], rope.table, target[mine],
+                          rope.is_neox_style)
+
+    def _slot_views(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's keys and values as ``[num_blocks * block_size, num_kv_heads,
+        head_size]`` views (slot-major: vLLM's ``NHD`` layout; another fails here)."""
+        cache = self.runner.kv_caches[layer]
+        blocks, heads, block_size, width = cache.shape
+        by_slot = cache.transpose(1, 2).view(blocks * block_size, heads, width)
+        return by_slot[..., : self.head_size], by_slot[..., self.head_size :]
+
+    def write(self, layers, slots, keys, values) -> None:
+        layers, slots = (t.flatten() for t in torch.broadcast_tensors(layers, slots))
+        block, offset = self.locate(slots)
+        for layer in torch.unique(layers).tolist():
+            mine = (layers == layer).nonzero().flatten()
+            key_half, value_half = self._halves(layer)
+            key_half[block[mine], :, offset[mine]] = keys[mine].to(key_half.dtype)
+            value_half[block[mine], :, offset[mine]] = values[mine].to(value_half.dtype)

@@ -44,7 +44,7 @@ from vllm_episodic.core.select import select_ahead, select_layer
 from vllm_episodic.core.retrieval import Selection
 from vllm_episodic.core.rope import Rope
 from vllm_episodic.core.surprise import surprise_from_logits, token_surprise
-from vllm_episodic.integration.paged_kv import StackedCaches, probe_layout, slot_offsets
+from vllm_episodic.integration.paged_kv import PagedKV
 from vllm_episodic.metrics import Stats, StatsPublisher, metrics_dir
 
 # id(VllmConfig) -> runtime, held weakly (the runner holds its runtime); a runtime
@@ -73,27 +73,27 @@ def _token_slots(block_row: torch.Tensor, start: int, end: int, block_size: int)
     return block_row.long()[tokens // block_size] * block_size + tokens % block_size
 
 
-def _cache_slots(plan: RowPlan, layout, kv_layout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _cache_slots(plan: RowPlan, layout, kv: PagedKV) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """The row's event-cache slots in the paged KV cache: absolute slot ``(slots,)`` and
-    the flat element offsets of their keys and values ``[slots, num_kv_heads, head_size]``
-    (moves read through them). Kept with the request while its cache blocks stay the same."""
-    bs = kv_layout.block_size
+    where the cache holds them (:meth:`PagedKV.locate`; moves read through it). Kept
+    with the request while its cache blocks stay the same."""
+    bs = kv.block_size
     blocks = plan.block_row[layout.sinks // bs : layout.cache_end // bs].long()
     cached = plan.memory.engine_state.get("cache_slots")
     if cached is None or not torch.equal(cached[0], blocks):
         slots = _token_slots(plan.block_row, layout.sinks, layout.cache_end, bs)
-        cached = (blocks, slots, *slot_offsets(kv_layout, slots, plan.memory.shape.num_kv_heads))
+        cached = (blocks, slots, kv.locate(slots))
         plan.memory.engine_state["cache_slots"] = cached
-    return cached[1:]
+    return cached[1], cached[2]
 
 
-def _attention_isa(vllm_config) -> str:
-    """The ISA the CPU attention builder chose for this model's layers."""
+def _episodic_backend(vllm_config):
+    """The (one) attention backend class of this model's layers."""
     layers = vllm_config.compilation_config.static_forward_context.values()
-    isas = {getattr(layer, "isa", None) for layer in layers} - {None}
-    if len(isas) != 1:
-        raise ValueError(f"expected one CPU attention ISA for all layers, found {isas}")
-    return isas.pop()
+    backends = {layer.get_attn_backend() for layer in layers if hasattr(layer, "get_attn_backend")}
+    if len(backends) != 1:
+        raise ValueError(f"expected one attention backend for all layers, found {backends}")
+    return backends.pop()
 
 
 class WorkerRuntime:
@@ -126,14 +126,8 @@ class WorkerRuntime:
         self.memory = EpisodicMemory(self.config, shape, self.rope, self.stats,
                                      reference=envs.get("VLLM_EPISODIC_REFERENCE"))
         self._layer_index = extract_layer_index
-        self.isa = _attention_isa(vllm_config)
-        self.layout = probe_layout(
-            self.isa, model_config.dtype,
-            vllm_config.cache_config.block_size, shape.head_size,
-        )
-        # (the runner's first cache, all caches as one); built now so that a KV layout
-        # the view cannot address fails at start-up
-        self._stacked: tuple[torch.Tensor, StackedCaches] = self._stack_caches()
+        # how this backend's paged KV cache is read and written
+        self.kv: PagedKV = _episodic_backend(vllm_config).paged_kv(runner, shape)
         # request ids of the batch that _update_states prepared, in row order;
         # consumed by the first metadata build of the step (dummy runs find None)
         self._pending_req_ids: list[str] | None = None
@@ -145,16 +139,6 @@ class WorkerRuntime:
         self._restores: list[tuple[BatchRow, str, int, torch.Tensor]] = []
         self._ahead: list[RowPlan] = []
         self._computing_surprise = False
-
-    def _stack_caches(self) -> tuple[torch.Tensor, StackedCaches]:
-        return self.runner.kv_caches[0], StackedCaches.of(list(self.runner.kv_caches))
-
-    @property
-    def caches(self) -> StackedCaches:
-        """The runner's KV caches as one; rebuilt if vLLM allocated them anew."""
-        if self._stacked[0] is not self.runner.kv_caches[0]:
-            self._stacked = self._stack_caches()
-        return self._stacked[1]
 
     def layer_index(self, layer_name: str) -> int:
         return self._layer_index(layer_name)
@@ -196,7 +180,7 @@ class WorkerRuntime:
         blocks between are null)."""
         memory = self.memory.requests[row.req_id]
         kept = self.memory.kept.get(kept_id)
-        bs = self.layout.block_size
+        bs = self.kv.block_size
         head = min(tokens, self.memory.layout.cache_end)
         local = max(head, memory.open_start // bs * bs)
         every = torch.arange(self.memory.shape.num_layers)
@@ -205,8 +189,7 @@ class WorkerRuntime:
                 continue
             keys, values = kept_tokens(kept, self.rope, start, end)  # [layers, n, kv_heads, head_size]
             slots = _token_slots(block_row, start, end, bs)
-            self.caches.write(self.isa, every[:, None], slots[None, :],
-                              keys.flatten(0, 1), values.flatten(0, 1))
+            self.kv.write(every[:, None], slots[None, :], keys.flatten(0, 1), values.flatten(0, 1))
 
     def publish(self, force: bool = False) -> None:
         if force or self.publisher.due():
@@ -279,9 +262,8 @@ class WorkerRuntime:
         return self._read_row(plan.block_row, layers, start, end)
 
     def _read_row(self, block_row: torch.Tensor, layers: torch.Tensor, start: int, end: int):
-        slots = _token_slots(block_row, start, end, self.layout.block_size)
-        key_at, value_at = slot_offsets(self.layout, slots, self.memory.shape.num_kv_heads)
-        return self.caches.read(layers.view(-1, 1, 1, 1), key_at, value_at)
+        slots = _token_slots(block_row, start, end, self.kv.block_size)
+        return self.kv.read(layers, self.kv.locate(slots))
 
     def fill_caches(self, layer: int, rows: list[tuple[RowPlan, torch.Tensor]]) -> None:
         """Retrieve this layer's events for these rows (each with its queries; one
@@ -303,16 +285,16 @@ class WorkerRuntime:
     def _fill_slots(self, plan: RowPlan, layers: torch.Tensor, selection: Selection) -> None:
         """Make each layer's attended cache slots hold its row of ``selection``: one
         slot-table update, one gather (and rotation) from the host store for all the
-        layers' missing tokens, one copy within the caches and one write (all layers'
-        caches are one :class:`StackedCaches`)."""
+        layers' missing tokens, one copy within the caches and one write (on the CPU op
+        all layers' caches are one :class:`~.paged_kv.StackedCaches`)."""
         memory = plan.memory
         layout = self.memory.layout
-        caches = self.caches
+        kv = self.kv
         stale = layers[memory.sink_rotation[layers] != plan.rotation]
         if stale.numel():
-            sink_slots = _token_slots(plan.block_row, 0, layout.sinks, self.layout.block_size)
+            sink_slots = _token_slots(plan.block_row, 0, layout.sinks, kv.block_size)
             keys, values = memory.sink_keys(stale, plan.frame, plan.anchor, self.rope)
-            caches.write(self.isa, stale[:, None], sink_slots[None, :], keys, values)
+            kv.write(stale[:, None], sink_slots[None, :], keys, values)
             memory.sink_rotation[stale] = plan.rotation
         # layers whose slots already hold their selection (steps between retrievals) skip
         todo = memory.unfilled(layers, selection)
@@ -323,16 +305,16 @@ class WorkerRuntime:
             layers, selection = layers[todo], selection.rows(todo)
         codes = memory.token_codes(selection, plan.frame)
         changes = memory.slots.update(layers, codes, plan.cache_slots)
-        absolute, key_at, value_at = _cache_slots(plan, layout, self.layout)
+        absolute, where = _cache_slots(plan, layout, kv)
         if changes.move_layer.numel():
             # every source is read before any slot is written (a slot can be both)
             source = changes.move_from
-            keys, values = caches.read(changes.move_layer.view(-1, 1, 1), key_at[source], value_at[source])
-            caches.write(self.isa, changes.move_layer, absolute[changes.move_to], keys, values)
+            keys, values = kv.read(changes.move_layer, tuple(w[source] for w in where), each=True)
+            kv.write(changes.move_layer, absolute[changes.move_to], keys, values)
         if changes.load_layer.numel():
             which = int(layers[0]) if layers.numel() == 1 else changes.load_layer
-            keys, values = memory.code_keys(which, changes.load_code, plan.frame, plan.anchor, self.rope)
-            caches.write(self.isa, changes.load_layer, absolute[changes.load_to], keys, values)
+            keys, values, target = memory.code_tokens(which, changes.load_code, plan.frame, plan.anchor)
+            kv.write_rotated(changes.load_layer, absolute[changes.load_to], keys, values, target, self.rope)
             self.stats.observe("prefetch_latency_seconds", time.perf_counter() - began)
         memory.mark_filled(layers, selection)
         self.stats.inc("device_cache_hits", changes.hits)

@@ -3,11 +3,13 @@
 Patches (each idempotent, applied by :func:`vllm_episodic.integration.register`):
 
 1. ``AttentionBackendEnum``: ``EPISODIC`` becomes an alias of the ``CUSTOM`` member
-   and ``CUSTOM`` points at our backend class.
+   and ``CUSTOM`` points at our backend class for the platform (CPU: the CPU op's;
+   CUDA, or CPU with ``VLLM_EPISODIC_TRITON_ON_CPU=1``: the Triton backend's).
    Why: vLLM parses the flag with ``AttentionBackendEnum[name.upper()]``. A new enum
    member would not unpickle in the engine-core process, which reads the config
    before it loads plugins; an alias pickles as ``CUSTOM``.
-2. ``CpuPlatform.get_attn_backend_cls``: return our class when ``CUSTOM`` is selected.
+2. ``CpuPlatform.get_attn_backend_cls``: return our class when ``CUSTOM`` is selected
+   (and vLLM's ``TRITON_ATTN`` when selected with the Triton-on-CPU switch).
    Why: the CPU platform ignores the selected backend and always returns CPU_ATTN.
 3. ``<platform>.check_and_update_config``: validate the episodic config and the model
    at start-up (API-server process), store the resolved settings back into
@@ -34,9 +36,11 @@ from vllm_episodic.config import ADDITIONAL_CONFIG_KEY, EpisodicConfig, Episodic
 logger = logging.getLogger("vllm_episodic")
 
 BACKEND_NAME = "EPISODIC"
-# the backend class per platform; adding the CUDA backend adds one entry here
+# the backend class per platform
+TRITON_BACKEND_PATH = "vllm_episodic.integration.triton_backend.EpisodicTritonBackend"
 BACKEND_PATHS = {
     "cpu": "vllm_episodic.integration.cpu_backend.EpisodicCPUBackend",
+    "cuda": TRITON_BACKEND_PATH,
 }
 
 
@@ -47,6 +51,10 @@ def _platform_key() -> str:
 
 
 def backend_path() -> str | None:
+    from vllm_episodic.integration import triton_on_cpu
+
+    if triton_on_cpu.wanted():
+        return TRITON_BACKEND_PATH
     return BACKEND_PATHS.get(_platform_key())
 
 
@@ -171,6 +179,10 @@ def _get_attn_backend_cls(original, klass, selected_backend, attn_selector_confi
                 + "; ".join(reasons)
             )
         return AttentionBackendEnum.CUSTOM.get_path()
+    from vllm_episodic.integration import triton_on_cpu
+
+    if selected_backend is AttentionBackendEnum.TRITON_ATTN and triton_on_cpu.wanted():
+        return triton_on_cpu.TRITON_ATTN_PATH
     return original(klass, selected_backend, attn_selector_config, num_heads)
 
 
@@ -186,8 +198,8 @@ def _check_and_update_config(original, klass, vllm_config) -> None:
 
     if backend_path() is None:
         raise ValueError(
-            f"the episodic attention backend runs on the CPU platform only in this "
-            f"release; this platform is {_platform_key()!r} (CUDA support: see README)"
+            f"the episodic attention backend runs on the CPU and CUDA platforms; this "
+            f"platform is {_platform_key()!r}"
         )
     config = EpisodicConfig.from_additional_config(vllm_config.additional_config)
     model_config = vllm_config.model_config
