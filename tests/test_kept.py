@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from test_memory import BLOCK, DIM, KV_HEADS, LAYERS, Sequence, run, settings
-from vllm_episodic.core.kept import kept_tokens
+from vllm_episodic.core.kept import kept_tokens, tensor_bytes
 from vllm_episodic.core.plan import BatchRow
 from vllm_episodic.core.store import HostStore, held_bytes
 
@@ -160,3 +160,72 @@ def test_kept_memories_yield_to_live_requests():
     index.found.clear()
     index.yield_to_live(10 * PAGE)
     assert not index.entries and index.live_bytes("r", 3 * PAGE + 256) == 3 * PAGE
+
+
+def _step(memory, seq, req_id, done, n):
+    """One step of ``n`` tokens of request ``req_id`` in the simulated run (reference path)."""
+    (plan,) = memory.plan_step([BatchRow(req_id, done, n, capacity=seq.k[0].shape[0])])
+    plan.memory.record_surprise(done, seq.surprise[done : done + n])
+    for layer in range(LAYERS):
+        q = seq.q[layer][done : done + n]
+        selection = plan.memory.attended_in_torch(layer, plan, q)
+        plan.memory.reference_attention(layer, plan, q, selection,
+                                        *seq.read_layer(layer, plan.local_start, done + n), 1.0, seq.rope)
+        memory.record_queries(layer, q)
+    memory.end_step([plan], seq.read)
+
+
+def _storages(kept) -> set[int]:
+    return {t.untyped_storage().data_ptr() for part in kept.tail for t in (part.keys, part.values)}
+
+
+def test_memories_kept_from_requests_on_one_kept_memory_share_its_tail():
+    """Four requests attach to one kept memory at token 384 and run to 400, then are kept
+    themselves: their tails are the first one's tail (the same storage) where their
+    tokens are the same bits and copies of their own tokens only; kept bytes count the
+    shared tail once; what each restores is still its paged cache's keys."""
+    seq = Sequence(420)
+    _, memory = run(seq, settings(), [400])
+    _keep(memory, seq)
+    parent = memory.kept.get("k")
+    alone = tensor_bytes(parent.tensors())
+    for i in range(4):
+        memory.attach(BatchRow(f"a{i}", 384, 16, capacity=420), "k", next_token=384 % 97)
+        _step(memory, seq, f"a{i}", 384, 16)
+        _keep(memory, seq, req_id=f"a{i}", kept_id=f"k{i}")
+    for i in range(4):
+        kept = memory.kept.get(f"k{i}")
+        shared = [part for part in kept.tail if part.keys.untyped_storage().data_ptr() in _storages(parent)]
+        own = [part for part in kept.tail if part not in shared]
+        assert shared and shared[0].start == kept.tail_start and shared[-1].end == 384
+        assert [(p.start, p.end) for p in own] == [(384, 400)]
+        keys, values = kept_tokens(kept, seq.rope, kept.tail_start, 400)
+        for layer in range(LAYERS):
+            assert torch.equal(keys[layer], seq.k[layer][kept.tail_start : 400])
+            assert torch.equal(values[layer], seq.v[layer][kept.tail_start : 400])
+    own_bytes = 2 * LAYERS * 16 * KV_HEADS * DIM * 4  # each child's 16 own tokens, float32
+    others = [t for i in range(4) for t in memory.kept.get(f"k{i}").tensors()
+              if t.untyped_storage().data_ptr() not in _storages(parent)]
+    assert tensor_bytes(memory.kept.tensors()) == alone + tensor_bytes(others)
+    assert tensor_bytes(others) < 4 * (own_bytes + 2 * 420 * 8)  # + surprise and token ids
+
+
+def test_a_kept_tail_that_differs_from_its_parents_is_copied():
+    """Where the request's paged cache no longer holds the parent's bits, nothing is
+    shared: the kept tail is what the cache held."""
+    seq = Sequence(420)
+    _, memory = run(seq, settings(), [400])
+    _keep(memory, seq)
+    parent = memory.kept.get("k")
+    memory.attach(BatchRow("a", 384, 16, capacity=420), "k", next_token=384 % 97)
+    _step(memory, seq, "a", 384, 16)
+
+    def read_changed(_, start, end):
+        keys, values = seq.read(None, torch.arange(LAYERS), start, end)
+        return keys + 1.0, values
+
+    memory.keep("a", "k2", torch.arange(400) % 97, read_changed)
+    kept = memory.kept.get("k2")
+    assert not _storages(kept) & _storages(parent)
+    keys, _ = kept_tokens(kept, seq.rope, kept.tail_start, 400)
+    assert torch.equal(keys[0], seq.k[0][kept.tail_start : 400] + 1.0)

@@ -9,7 +9,10 @@ A kept memory holds every one of its ``N`` tokens' K/V:
 - the *tail*: tokens ``[tail_start, N)`` still in the local window when the request
   finished, copied from the paged cache rotated as vLLM wrote them, so that a request
   attached while its context fits sinks + window reads exactly the keys stock vLLM
-  would (``tail_start`` is 0 while the request had no events).
+  would (``tail_start`` is 0 while the request had no events). A request that was
+  attached to a kept memory restored most of its window from that one's tail: its own
+  tail shares those tokens (views of the same tensors, where they are bitwise the same)
+  and copies only the rest, so four conversations on one document hold its window once.
 
 Attaching at token ``h`` (``0 < h <= N``) gives a new request the memory the building
 request had after a step that ended at ``h``: segmentation does not depend on how the
@@ -37,6 +40,29 @@ if TYPE_CHECKING:
     from vllm_episodic.core.request import RequestMemory
 
 
+@dataclass(frozen=True)
+class TailPart:
+    """Tokens ``[start, start + n)`` of a kept tail: keys (rotated at their positions) and
+    values ``[num_layers, n, num_kv_heads, head_size]``, possibly views of another kept
+    memory's tail."""
+
+    start: int
+    keys: torch.Tensor
+    values: torch.Tensor
+
+    @property
+    def end(self) -> int:
+        return self.start + self.keys.shape[1]
+
+    def cut(self, start: int, end: int) -> TailPart | None:
+        """The part's tokens within ``[start, end)`` (views), or None."""
+        lo, hi = max(start, self.start), min(end, self.end)
+        if lo >= hi:
+            return None
+        at = slice(lo - self.start, hi - self.start)
+        return TailPart(lo, self.keys[:, at], self.values[:, at])
+
+
 @dataclass
 class KeptMemory:
     token_ids: torch.Tensor
@@ -48,19 +74,27 @@ class KeptMemory:
     next_logits: torch.Tensor | None
     """``[1, vocab]`` the logits at token N - 1: the surprise of whatever token N is"""
     tail_start: int
-    tail_keys: torch.Tensor
-    """``[num_layers, N - tail_start, num_kv_heads, head_size]`` rotated at their positions"""
-    tail_values: torch.Tensor
+    tail: list[TailPart]
+    """tokens ``[tail_start, N)`` in order"""
 
     @property
     def num_tokens(self) -> int:
         return self.token_ids.numel()
 
-    @property
-    def own_bytes(self) -> int:
-        """Bytes held besides the store's pages (tail, surprise, token ids, logits)."""
-        tensors = (self.tail_keys, self.tail_values, self.surprise, self.token_ids, self.next_logits)
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    def tensors(self) -> list[torch.Tensor]:
+        """What it holds besides the store's pages (tail, surprise, token ids, logits)."""
+        parts = [t for part in self.tail for t in (part.keys, part.values)]
+        return parts + [t for t in (self.surprise, self.token_ids, self.next_logits) if t is not None]
+
+    def tail_tokens(self, start: int, end: int) -> list[TailPart]:
+        """The tail's parts within ``[start, end)`` (views)."""
+        return [cut for part in self.tail if (cut := part.cut(start, end)) is not None]
+
+
+def tensor_bytes(tensors) -> int:
+    """Bytes of the storages behind these tensors, each storage once (tails share)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
 
 
 def keep(memory: RequestMemory, token_ids: torch.Tensor, tail: tuple[torch.Tensor, torch.Tensor]) -> KeptMemory:
@@ -74,11 +108,37 @@ def keep(memory: RequestMemory, token_ids: torch.Tensor, tail: tuple[torch.Tenso
     n = memory.num_tokens
     if token_ids.numel() != n:
         raise ValueError(f"{token_ids.numel()} token ids for a memory of {n} tokens")
+    start = tail_start(memory)
     return KeptMemory(
         token_ids=token_ids.long(), store=memory.store, surprise=memory.surprise[:n].clone(),
-        next_logits=memory.carry_logits, tail_start=tail_start(memory),
-        tail_keys=tail[0], tail_values=tail[1],
+        next_logits=memory.carry_logits, tail_start=start,
+        tail=_shared_tail(TailPart(start, *tail), memory.attached),
     )
+
+
+def _shared_tail(tail: TailPart, attached: tuple | None) -> list[TailPart]:
+    """The tail as parts: where the request's tokens are those of the kept memory it
+    attached to and that one's tail holds the very same bits, views of it; copies of the
+    rest (so that nothing keeps the whole read alive)."""
+    if attached is None:
+        return [tail]
+    parent, h = attached
+    parts, at = [], tail.start
+    for shared in parent.tail_tokens(tail.start, min(h, tail.end)):
+        read = tail.cut(shared.start, shared.end)
+        if not (torch.equal(read.keys, shared.keys) and torch.equal(read.values, shared.values)):
+            continue
+        if shared.start > at:
+            parts.append(_copy(tail.cut(at, shared.start)))
+        parts.append(shared)
+        at = shared.end
+    if at < tail.end:
+        parts.append(_copy(tail.cut(at, tail.end)))
+    return parts
+
+
+def _copy(part: TailPart) -> TailPart:
+    return TailPart(part.start, part.keys.clone(), part.values.clone())
 
 
 def tail_start(memory: RequestMemory) -> int:
@@ -114,6 +174,7 @@ def attach(memory: RequestMemory, kept: KeptMemory, h: int, next_token: int | No
         # unknown (the kept logits at h - 1 are gone): the recent mean, never a boundary
         memory.surprise[h] = kept.surprise[max(1, h - settings.surprise_window) : h].mean()
     memory.num_tokens = h
+    memory.attached = (kept, h)
 
 
 def kept_tokens(kept: KeptMemory, rope: Rope, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,12 +183,8 @@ def kept_tokens(kept: KeptMemory, rope: Rope, start: int, end: int) -> tuple[tor
     as copied, the host store's rotated back (tokens on an evicted page read as 0)."""
     parts = []
     if start < kept.tail_start:
-        hi = min(end, kept.tail_start)
-        parts.append(_stored(kept.store, rope, start, hi, kept.tail_keys))
-    if end > kept.tail_start:
-        lo = max(start, kept.tail_start) - kept.tail_start
-        hi = end - kept.tail_start
-        parts.append((kept.tail_keys[:, lo:hi], kept.tail_values[:, lo:hi]))
+        parts.append(_stored(kept.store, rope, start, min(end, kept.tail_start), kept.tail[0].keys))
+    parts += [(part.keys, part.values) for part in kept.tail_tokens(start, end)]
     keys, values = zip(*parts)
     return torch.cat(keys, 1), torch.cat(values, 1)
 
@@ -182,6 +239,9 @@ class KeptMemories:
     def stores(self) -> list[HostStore]:
         return [kept.store for kept in self.memories.values() if kept.store is not None]
 
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for kept in self.memories.values() for t in kept.tensors()]
+
     def nbytes(self) -> int:
-        """Bytes the kept memories hold (pages they share once)."""
-        return held_bytes(self.stores()) + sum(kept.own_bytes for kept in self.memories.values())
+        """Bytes the kept memories hold (pages and tails they share once)."""
+        return held_bytes(self.stores()) + tensor_bytes(self.tensors())

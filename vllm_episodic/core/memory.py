@@ -52,7 +52,7 @@ from collections.abc import Callable
 
 import torch
 
-from vllm_episodic.core.kept import KeptMemories, attach, keep, tail_start
+from vllm_episodic.core.kept import KeptMemories, attach, keep, tail_start, tensor_bytes
 from vllm_episodic.core.plan import (
     OBSERVATION_QUERIES,
     BatchRow,
@@ -263,7 +263,7 @@ class EpisodicMemory:
     def host_bytes(self) -> int:
         """Host bytes of every live request's and kept memory (a shared page counts once)."""
         stores = [m.store for m in self.requests.values()] + self.kept.stores()
-        return held_bytes(stores) + sum(kept.own_bytes for kept in self.kept.memories.values())
+        return held_bytes(stores) + tensor_bytes(self.kept.tensors())
 
     def _make_host_room(self, needed: int) -> bool:
         """Stay under the host memory cap: drop the least recently retrieved pages of
