@@ -23,11 +23,12 @@ from vllm_episodic.workloads import filler_text
 pytestmark = pytest.mark.engine
 
 # memory forms past 32 + 64 tokens; a 32-token budget is smaller than what the long
-# prompt leaves in memory, so decode steps retrieve
+# prompt leaves in memory, so decode steps retrieve; `dot` scoring runs our Triton
+# scoring kernel (`mass` scoring is torch on every device)
 TINY = {
     "sink_tokens": 32, "window_tokens": 64, "retrieval_budget_tokens": 32,
     "min_event_tokens": 4, "max_event_tokens": 16, "device_event_cache_tokens": 64,
-    "representatives_dtype": "float32", "kept_memory_gib": 0,
+    "representatives_dtype": "float32", "kept_memory_gib": 0, "retrieval_scoring": "dot",
 }
 MAX_TOKENS = 6
 # the CPU op takes multiples of 32 (its default, 128, would round the sinks and window up)
@@ -97,11 +98,13 @@ def test_episodic_triton_backend_inside_the_window_is_stock_triton(triton_run):
 
 
 def test_episodic_triton_backend_with_memory_is_the_cpu_backend(triton_run, make_llm, one_layer, prompts):
-    """Past sinks + window: events form, decode steps retrieve and the event cache is
-    filled through our Triton gather; the output is the CPU backend's."""
+    """Past sinks + window: events form, decode steps retrieve (scored by our Triton
+    kernel) and the event cache is filled through our Triton gather; the output is the
+    CPU backend's."""
     assert triton_run["stats"]["events_created"] > 0 and triton_run["stats"]["device_cache_misses"] > 0
     launches = triton_run["episodic_launches"]
-    assert launches["unified_attention"] > 0 and launches.get("gather_rotate_triton", 0) > 0, launches
+    assert launches["unified_attention"] > 0, launches
+    assert launches.get("score_events_triton", 0) > 0 and launches.get("gather_rotate_triton", 0) > 0, launches
     cpu = _cpu(make_llm, one_layer, prompts, attention_backend="episodic", additional_config={"episodic": TINY})
     _same(triton_run["episodic"]["long"], cpu["long"])
     # and memory is what it attended: stock's output over the whole context differs
