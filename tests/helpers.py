@@ -15,6 +15,13 @@ def scheduler_of(llm):
     return llm.llm_engine.engine_core.engine_core.scheduler
 
 
+def attention_impl(llm):
+    """The attention implementation (``AttentionImpl``) the engine's layers run."""
+    runner = llm.llm_engine.model_executor.driver_worker.worker.model_runner
+    layers = runner.vllm_config.compilation_config.static_forward_context.values()
+    return next(iter(layers)).impl
+
+
 def flush_finished(llm) -> None:
     """Run the engine step that tells the worker about finished/aborted requests.
 

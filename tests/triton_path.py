@@ -49,7 +49,7 @@ def main() -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from tests.helpers import flush_finished, runtime_of
+    from tests.helpers import attention_impl, flush_finished, runtime_of
     from vllm_episodic.kernels import gather, score
 
     common = dict(model=model_dir, enforce_eager=True, dtype="float32", max_model_len=1024, seed=0,
@@ -63,12 +63,12 @@ def main() -> None:
     count(triton_attn, "unified_attention")
     count(score, "score_events_triton")
     count(gather, "gather_rotate_triton")
-    report["stock"] = {"impl": type(_impl(stock)).__name__, **generate(stock, spec["prompts"], spec["max_tokens"])}
+    report["stock"] = {"impl": type(attention_impl(stock)).__name__, **generate(stock, spec["prompts"], spec["max_tokens"])}
     report["stock_launches"] = dict(LAUNCHES)
     LAUNCHES.clear()
 
     episodic = LLM(attention_backend="episodic", additional_config={"episodic": spec["episodic"]}, **common)
-    report["episodic"] = {"impl": type(_impl(episodic)).__name__,
+    report["episodic"] = {"impl": type(attention_impl(episodic)).__name__,
                           **generate(episodic, spec["prompts"], spec["max_tokens"])}
     runtime = runtime_of(episodic)
     report["stats"] = {k: runtime.stats.get(k) for k in ("events_created", "device_cache_misses")}
@@ -85,12 +85,6 @@ def main() -> None:
     report["held_after_abort"] = len(runtime.memory.requests)
     report["host_bytes_after_abort"] = runtime.memory.host_bytes()
     print("RESULT " + json.dumps(report), flush=True)
-
-
-def _impl(llm):
-    runner = llm.llm_engine.model_executor.driver_worker.worker.model_runner
-    layers = runner.vllm_config.compilation_config.static_forward_context.values()
-    return next(iter(layers)).impl
 
 
 if __name__ == "__main__":
