@@ -76,7 +76,8 @@ def test_attached_stores_share_the_kept_pages_until_they_write():
     start = a.store.inherited
     a.store.write(slice(None), start, torch.ones(LAYERS, KV_HEADS, 4, DIM), torch.ones(LAYERS, KV_HEADS, 4, DIM))
     assert all(torch.equal(x, y.view(torch.int32)) for x, y in zip(before, (p for p in kept.keys if p is not None)))
-    assert b.store.keys[0] is kept.keys[0] and a.store.keys[0] is not kept.keys[0]
+    page = start // kept.page_tokens
+    assert b.store.keys[page] is kept.keys[page] and a.store.keys[page] is not kept.keys[page]
     assert memory.host_bytes() == memory.kept.nbytes() + reps + a.store.page_bytes()
     # dropping the kept memory leaves the attached requests their pages
     memory.drop_kept(["k"])
@@ -136,13 +137,17 @@ def test_shared_prefix_counts_pages_once():
     assert held_bytes([store, prefix]) == store.nbytes + prefix.num_events * prefix.event_bytes()
 
 
-def test_kept_memories_yield_to_live_requests():
+def test_kept_memories_yield_to_live_requests(monkeypatch):
     """The scheduler's index: once the running requests' bytes and the kept memories'
     exceed the host cap, the least recently used kept memories go (not one a request
     is about to attach to); a running request's bytes leave out the pages it shares
-    with the kept memory it attached to, while that one is kept."""
-    from vllm_episodic.core.store import PAGE_TOKENS as PAGE
+    with the kept memory it attached to, while that one is kept. (Pages of 1024 tokens
+    here, four times the local part, whatever the store's page size.)"""
+    from vllm_episodic.integration import prefix_reuse
     from vllm_episodic.integration.prefix_reuse import KeptIndex
+
+    PAGE = 1024
+    monkeypatch.setattr(prefix_reuse, "PAGE_TOKENS", PAGE)
 
     index = KeptIndex(block_size=128, cap_bytes=100 * PAGE, bytes_per_token=1, local_tokens=256,
                       host_cap_bytes=10 * PAGE)

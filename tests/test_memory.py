@@ -543,6 +543,20 @@ def test_store_gathers_tokens_of_several_layers_at_once():
         assert torch.equal(got_v[i], values[layers[i], :, positions[i]])
 
 
+def test_retrieving_an_event_longer_than_a_page_marks_every_page_it_spans():
+    """Eviction drops least recently retrieved pages first: an event of 40 tokens on
+    16-token pages spans three, and retrieving it keeps all three."""
+    from vllm_episodic.core.store import HostStore
+
+    store = HostStore(1, KV_HEADS, KV_HEADS, DIM, torch.float32, page_tokens=16)
+    zeros = torch.zeros(1, KV_HEADS, 80, DIM)
+    store.write(slice(None), 0, zeros, zeros)
+    store.add_events([(0, 8), (8, 48), (48, 80)])
+    store.touch([1], step=7)
+    assert store.page_last_use.tolist() == [7, 7, 7, 0, 0]
+    assert store.evictable_pages(protected=0) == [3, 4, 0, 1, 2]
+
+
 def test_store_reads_consecutive_tokens_as_written():
     """A run of consecutive tokens (all of memory, read at the prompt's end) comes back
     as written, across page boundaries and from a page shared with another store, in
