@@ -234,3 +234,22 @@ def test_a_kept_tail_that_differs_from_its_parents_is_copied():
     assert not _storages(kept) & _storages(parent)
     keys, _ = kept_tokens(kept, seq.rope, kept.tail_start, 400)
     assert torch.equal(keys[0], seq.k[0][kept.tail_start : 400] + 1.0)
+
+
+def test_a_dropped_kept_memory_does_not_live_on_in_the_requests_attached_to_it():
+    """The scheduler drops a kept memory while a request is attached: nothing but the
+    pages that request shares stays alive, and its own kept tail is then a copy."""
+    import gc
+
+    seq = Sequence(420)
+    _, memory = run(seq, settings(), [400])
+    _keep(memory, seq)
+    memory.attach(BatchRow("a", 384, 16, capacity=420), "k", next_token=384 % 97)
+    _step(memory, seq, "a", 384, 16)
+    memory.drop_kept(["k"])
+    gc.collect()
+    assert memory.requests["a"].attached[0]() is None
+    _keep(memory, seq, req_id="a", kept_id="k2")
+    kept = memory.kept.get("k2")
+    assert len(kept.tail) == 1 and torch.equal(kept_tokens(kept, seq.rope, kept.tail_start, 400)[1][0],
+                                               seq.v[0][kept.tail_start : 400])

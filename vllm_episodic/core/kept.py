@@ -26,6 +26,7 @@ attached store shares the kept pages and copies one only when it writes to it
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -120,9 +121,9 @@ def _shared_tail(tail: TailPart, attached: tuple | None) -> list[TailPart]:
     """The tail as parts: where the request's tokens are those of the kept memory it
     attached to and that one's tail holds the very same bits, views of it; copies of the
     rest (so that nothing keeps the whole read alive)."""
-    if attached is None:
+    parent, h = (attached[0](), attached[1]) if attached is not None else (None, 0)
+    if parent is None:  # not attached, or its kept memory was dropped since
         return [tail]
-    parent, h = attached
     parts, at = [], tail.start
     for shared in parent.tail_tokens(tail.start, min(h, tail.end)):
         read = tail.cut(shared.start, shared.end)
@@ -174,7 +175,8 @@ def attach(memory: RequestMemory, kept: KeptMemory, h: int, next_token: int | No
         # unknown (the kept logits at h - 1 are gone): the recent mean, never a boundary
         memory.surprise[h] = kept.surprise[max(1, h - settings.surprise_window) : h].mean()
     memory.num_tokens = h
-    memory.attached = (kept, h)
+    # weakly: a kept memory the scheduler drops must not live on in its attached requests
+    memory.attached = (weakref.ref(kept), h)
 
 
 def kept_tokens(kept: KeptMemory, rope: Rope, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:

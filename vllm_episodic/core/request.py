@@ -87,8 +87,9 @@ class RequestMemory(FrameKeys):
     """the :attr:`RowPlan.selection_key` of the last :func:`select_ahead` while every layer
     still keeps the selection it made (None once a layer retrieves on its own)"""
     attached: tuple | None = None
-    """``(kept memory, h)``: the kept memory this request's first ``h`` tokens came from
-    (:func:`.kept.attach`); its kept tail shares that one's where they are the same"""
+    """``(weak reference to a kept memory, h)``: where this request's first ``h`` tokens
+    came from (:func:`.kept.attach`); its kept tail shares that one's where they are the
+    same, if that one is still kept"""
 
     def __post_init__(self):
         s = self.settings
