@@ -1,8 +1,10 @@
-"""vLLM's Triton attention backend on this CPU under Triton's interpreter, stock and
-episodic, in a process of its own (the switch changes what every engine of the process
-selects): run by ``test_triton_path.py``, prints one JSON line.
+"""Stock and episodic engines on the same prompts, in a process of their own: vLLM's
+Triton attention backend under Triton's interpreter (``triton``: the switch changes
+what every engine of the process selects), or the CPU op (``cpu``, the reference; its
+own process keeps the test session's engines and memory as they are). Run by
+``test_triton_path.py``; prints one JSON line.
 
-    python tests/triton_path.py MODEL_DIR SPEC.json
+    python tests/triton_path.py triton|cpu MODEL_DIR SPEC.json
 
 ``SPEC``: ``prompts`` (name -> token ids), ``max_tokens``, ``block_size``, ``episodic``
 (settings), ``abort`` (the prompt to abort mid-decode).
@@ -17,7 +19,8 @@ import sys
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"
 os.environ["TRITON_INTERPRET"] = "1"
-os.environ["VLLM_EPISODIC_TRITON_ON_CPU"] = "1"
+PLATFORM_OP = sys.argv[1]
+os.environ["VLLM_EPISODIC_TRITON_ON_CPU"] = "1" if PLATFORM_OP == "triton" else "0"
 
 LAUNCHES: dict[str, int] = {}
 
@@ -45,7 +48,7 @@ def generate(llm, prompts: dict, max_tokens: int) -> dict:
 
 
 def main() -> None:
-    model_dir, spec = sys.argv[1], json.loads(open(sys.argv[2]).read())
+    model_dir, spec = sys.argv[2], json.loads(open(sys.argv[3]).read())
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -56,11 +59,12 @@ def main() -> None:
                   block_size=spec["block_size"])
     report = {}
 
-    stock = LLM(attention_backend="TRITON_ATTN", **common)
-    # imported by the plugin (with Triton in place: triton_on_cpu.py), count launches
-    from vllm.v1.attention.backends import triton_attn
+    stock = LLM(attention_backend="TRITON_ATTN" if PLATFORM_OP == "triton" else "CPU_ATTN", **common)
+    if PLATFORM_OP == "triton":
+        # imported by the plugin (with Triton in place: triton_on_cpu.py), count launches
+        from vllm.v1.attention.backends import triton_attn
 
-    count(triton_attn, "unified_attention")
+        count(triton_attn, "unified_attention")
     count(score, "score_events_triton")
     count(gather, "gather_rotate_triton")
     report["stock"] = {"impl": type(attention_impl(stock)).__name__, **generate(stock, spec["prompts"], spec["max_tokens"])}

@@ -257,8 +257,12 @@ class FlashPagedKV:
     def write_rotated(self, layers, slots, keys, values, target, rope) -> None:
         """One launch of :func:`~vllm_episodic.kernels.gather_rotate` per layer: the keys
         are rotated by our Triton kernel (on a GPU, or under the interpreter) as they
-        land in the layer's cache slots."""
-        rows = torch.arange(slots.numel())
+        land in the layer's cache slots (host tensors are copied to the cache's device
+        first)."""
+        device = self.runner.kv_caches[0].device
+        keys, values, slots, target = (t.to(device, non_blocking=True) for t in (keys, values, slots, target))
+        rows = torch.arange(slots.numel(), device=device)
+        layers = layers.to(device)
         for layer in torch.unique(layers).tolist():
             mine = rows[layers == layer]
             dst_k, dst_v = self._slot_views(layer)
