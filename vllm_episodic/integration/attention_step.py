@@ -112,3 +112,26 @@ def forward(impl, stock_forward: Callable, layer, query: torch.Tensor, meta: Epi
         ).to(out.dtype)
     runtime.memory.record_queries(layer_index, q)
     return output
+
+
+class EpisodicBuilder:
+    """Mixin before a platform's metadata builder: :func:`build` over its ``build``."""
+
+    def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
+        return build(self, super().build, common_prefix_len, common_attn_metadata, fast_build)
+
+
+class EpisodicImpl:
+    """Mixin before a platform's attention impl: :func:`forward` around its ``forward``
+    (dummy and profiling runs, which have no plans, go to the stock kernel as they are)."""
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
+                output_scale=None, output_block_scale=None):
+        def stock(metadata):
+            return super(EpisodicImpl, self).forward(layer, query, key, value, kv_cache, metadata, output,
+                                                     output_scale, output_block_scale)
+
+        meta = attn_metadata
+        if meta is None or meta.plans is None:
+            return stock(None if meta is None else meta.stock)
+        return forward(self, stock, layer, query, meta, output)

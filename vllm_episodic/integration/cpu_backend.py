@@ -41,21 +41,9 @@ class EpisodicCPUBackend(CPUAttentionBackend):
         return CpuPagedKV(runner, isas.pop(), shape.dtype, shape.block_size, shape.head_size, shape.num_kv_heads)
 
 
-class EpisodicCPUMetadataBuilder(CPUAttentionMetadataBuilder):
-    def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
-        return attention_step.build(self, super().build, common_prefix_len, common_attn_metadata, fast_build)
+class EpisodicCPUMetadataBuilder(attention_step.EpisodicBuilder, CPUAttentionMetadataBuilder):
+    pass
 
 
-class EpisodicCPUImpl(CPUAttentionBackendImpl):
-    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
-                output_scale=None, output_block_scale=None):
-        meta = attn_metadata
-        if meta is None:
-            return output
-        if meta.plans is None:
-            return super().forward(layer, query, key, value, kv_cache, meta.stock, output,
-                                   output_scale, output_block_scale)
-        return attention_step.forward(
-            self, lambda stock: super(EpisodicCPUImpl, self).forward(
-                layer, query, key, value, kv_cache, stock, output, output_scale, output_block_scale),
-            layer, query, meta, output)
+class EpisodicCPUImpl(attention_step.EpisodicImpl, CPUAttentionBackendImpl):
+    pass

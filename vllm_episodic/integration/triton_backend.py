@@ -49,22 +49,10 @@ class EpisodicTritonBackend(TritonAttentionBackend):
         return FlashPagedKV(runner, shape.block_size, shape.head_size)
 
 
-class EpisodicTritonMetadataBuilder(TritonAttentionMetadataBuilder):
+class EpisodicTritonMetadataBuilder(attention_step.EpisodicBuilder, TritonAttentionMetadataBuilder):
     # retrieval between layers is Python and data-dependent: no CUDA graph captures it
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
 
-    def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
-        return attention_step.build(self, super().build, common_prefix_len, common_attn_metadata, fast_build)
 
-
-class EpisodicTritonImpl(TritonAttentionImpl):
-    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
-                output_scale=None, output_block_scale=None):
-        meta = attn_metadata
-        if meta is None or meta.plans is None:
-            return super().forward(layer, query, key, value, kv_cache, None if meta is None else meta.stock,
-                                   output, output_scale, output_block_scale)
-        return attention_step.forward(
-            self, lambda stock: super(EpisodicTritonImpl, self).forward(
-                layer, query, key, value, kv_cache, stock, output, output_scale, output_block_scale),
-            layer, query, meta, output)
+class EpisodicTritonImpl(attention_step.EpisodicImpl, TritonAttentionImpl):
+    pass
