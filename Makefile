@@ -15,7 +15,7 @@ MAX_MODEL_LEN ?= 32768
 KV_SPACE      ?= 2
 # give the model every core (vLLM's default binding leaves one core to the front end)
 THREADS_BIND  ?= 0-$(shell expr $$(nproc) - 1)
-EPISODIC      ?= {"preset": "smollm2"}
+EPISODIC      ?= {}
 SERVE_ARGS    ?=
 BENCH_ARGS    ?=
 

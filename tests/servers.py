@@ -105,10 +105,15 @@ def post_status(url: str, body: dict) -> tuple[int, str]:
         return err.code, err.read().decode()
 
 
+def log_path(port: int | str) -> Path:
+    """Where :func:`running_server` writes the server's output."""
+    return Path(os.environ.get("TMPDIR", "/tmp")) / f"vllm-episodic-serve-{port}.log"
+
+
 @contextmanager
 def running_server(model_dir: str, settings: dict):
     port = free_port()
-    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"vllm-episodic-serve-{port}.log", "w+")
+    log = open(log_path(port), "w+")
     proc = subprocess.Popen(serve_args(model_dir, port, "--served-model-name", "smollm2",
                                         "--additional-config", json.dumps({"episodic": settings})),
                             env=env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from vllm_episodic.config import EpisodicConfig, EpisodicConfigError, preset_names
+from vllm_episodic.config import MODEL_DERIVED, EpisodicConfig, EpisodicConfigError, preset_names
 
 
 def test_defaults_are_em_llm_choices():
@@ -93,8 +93,9 @@ def test_resolving_for_a_model_keeps_memory_in_trained_range():
 
 def test_default_event_cache_is_twice_the_budget_within_the_trained_range():
     assert EpisodicConfig().resolved(32768, 65536, 128).device_event_cache_tokens == 4096
-    # SmolLM2 (8K): 8192 - 128 sinks - 4096 window - 128 event - 128 block = 3712
-    assert EpisodicConfig().resolved(8192, 65536, 128).device_event_cache_tokens == 3712
+    # SmolLM2 (8K) with EM-LLM's window: 8192 - 128 sinks - 4096 window - 128 event - 128 block
+    em_llm = EpisodicConfig(window_tokens=4096, retrieval_budget_tokens=2048)
+    assert em_llm.resolved(8192, 65536, 128).device_event_cache_tokens == 3712
     assert EpisodicConfig(device_event_cache_tokens=5000).resolved(8192, 65536, 128).device_event_cache_tokens == 5000
 
 
@@ -112,3 +113,51 @@ def test_default_event_cache_on_the_cpu_platform_is_the_budget():
 def test_kept_memory_defaults_to_a_quarter_of_the_host_cap():
     assert EpisodicConfig(host_memory_gib=8).resolved(8192, 8192, 128).kept_memory_gib == 2
     assert EpisodicConfig(kept_memory_gib=0).resolved(8192, 8192, 128).kept_memory_gib == 0
+
+
+def _for_model(settings: dict, trained: int) -> EpisodicConfig:
+    return EpisodicConfig.from_dict(settings).resolved(trained, 4 * trained, 16, device_is_host=True)
+
+
+def _sizes(config: EpisodicConfig) -> dict:
+    """The derived keys as they act (a bounded budget of None is the retrieval budget)."""
+    sizes = {key: getattr(config, key) for key in MODEL_DERIVED}
+    sizes["bounded_budget_tokens"] = config.largest_budget
+    return sizes
+
+
+@pytest.mark.parametrize("trained, preset", [(8192, "smollm2"), (32768, "qwen2")])
+def test_no_config_gives_what_the_model_s_preset_measured(trained, preset):
+    """With no settings the sizes follow from the trained length: SmolLM2 (8K) gets the
+    ``smollm2`` preset, Qwen2.5 (32K) the ``qwen2`` preset — the values measured on
+    each model (docs/natural-text.md), set by hand in the YAML files."""
+    assert _for_model({}, trained) == _for_model({"preset": preset}, trained).model_copy(
+        update={"bounded_budget_tokens": _for_model({}, trained).bounded_budget_tokens})
+    assert _sizes(_for_model({}, trained)) == _sizes(_for_model({"preset": preset}, trained))
+
+
+def test_given_keys_win_over_the_model_and_sizes_follow_them():
+    config = _for_model({"window_tokens": 2048}, 8192)
+    assert (config.window_tokens, config.retrieval_budget_tokens, config.prefill_chunk_tokens) == (2048, 1024, 2048)
+    assert config.retrieval_interval == 8
+    # a given budget is read past the trained length too (no derived 2K floor)
+    assert _for_model({"retrieval_budget_tokens": 512}, 8192).largest_budget == 512
+    assert _for_model({"retrieval_budget_tokens": 512}, 8192).window_tokens == 1024
+    # a preset's explicit null (vLLM's own prefill chunk) is given, not derived
+    published = _for_model({"preset": "default"}, 32768)
+    assert (published.window_tokens, published.retrieval_budget_tokens) == (4096, 2048)
+    assert (published.retrieval_interval, published.prefill_chunk_tokens) == (1, None)
+
+
+@pytest.mark.parametrize("trained", [2048, 4096, 8192, 32768, 131072, 1 << 20])
+def test_derived_sizes_keep_memory_within_the_trained_range(trained):
+    """Every trained length gets sizes whose bounded frame fits it (resolving checks the
+    span past the trained length and raises otherwise)."""
+    config = _for_model({}, trained)
+    assert config.bounded_span(16) <= trained
+    assert 16 <= config.prompt_end_queries <= 128 and config.window_tokens <= 4096
+
+
+def test_a_bad_combination_with_derived_sizes_names_them():
+    with pytest.raises(EpisodicConfigError, match=r"max_event_tokens \(2048\)[\s\S]*derived from the model"):
+        _for_model({"max_event_tokens": 2048}, 8192)

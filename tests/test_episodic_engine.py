@@ -22,6 +22,7 @@ SMALL = {
     "sink_tokens": 64, "window_tokens": 256, "retrieval_budget_tokens": 256,
     "min_event_tokens": 8, "max_event_tokens": 64, "device_event_cache_tokens": 512,
     "representatives_dtype": "float32", "full_memory_at_prompt_end": False, "kept_memory_gib": 0.25,
+    "retrieval_interval": 1,  # every decode step retrieves (the model's default: every 8th)
 }
 
 
@@ -196,6 +197,7 @@ def test_device_kv_per_request_stays_flat(episodic):
 TINY = {
     "sink_tokens": 64, "window_tokens": 128, "retrieval_budget_tokens": 128,
     "min_event_tokens": 8, "max_event_tokens": 32, "device_event_cache_tokens": 256,
+    "retrieval_interval": 1,
 }
 
 

@@ -118,3 +118,42 @@ def test_unsupported_model_through_the_cli(tiny_models):
                            "--max-model-len", "1024"], capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "no rotary position embeddings (RoPE)" in proc.stdout + proc.stderr
+
+
+def _trained_on(model_dir: str, folder: Path, trained: int) -> str:
+    """SmolLM2's folder with its config claiming ``trained`` positions (weights linked)."""
+    import json
+
+    folder.mkdir()
+    for item in Path(model_dir).iterdir():
+        (folder / item.name).symlink_to(item)
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    (folder / "config.json").unlink()
+    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": trained}))
+    return str(folder)
+
+
+@pytest.mark.parametrize("trained, preset", [(8192, "smollm2"), (32768, "qwen2")])
+def test_serving_with_no_config_derives_the_model_s_preset(model_dir, tmp_path, trained, preset):
+    """``vllm serve MODEL --attention-backend episodic`` with no settings: the sizes and
+    the prefill chunk come from the model's trained length, and equal what the preset
+    measured for a model of that length (SmolLM2 8K: ``smollm2``; Qwen2.5 32K:
+    ``qwen2``) as vLLM's engine config carries them to every worker."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.usage.usage_lib import UsageContext
+
+    from vllm_episodic.config import MODEL_DERIVED, EpisodicConfig
+
+    model = _trained_on(model_dir, tmp_path / "model", trained)
+
+    def served(settings):
+        config = EngineArgs(model=model, attention_backend="episodic", enforce_eager=True, max_model_len=65536,
+                            additional_config={"episodic": settings},
+                            ).create_engine_config(UsageContext.OPENAI_API_SERVER)
+        episodic = EpisodicConfig.model_validate(config.additional_config["episodic"])
+        sizes = {key: getattr(episodic, key) for key in MODEL_DERIVED}
+        sizes["bounded_budget_tokens"] = episodic.largest_budget
+        return sizes, config.scheduler_config.max_num_batched_tokens
+
+    derived, with_preset = served({}), served({"preset": preset})
+    assert derived == with_preset

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from servers import env, free_port, get, long_prompt, metric, post, post_status, serve_args, wait_idle
+from servers import env, free_port, get, log_path, long_prompt, metric, post, post_status, serve_args, wait_idle
 
 pytestmark = pytest.mark.server
 
@@ -40,6 +40,16 @@ def test_chat_completion_answers(server):
         "messages": [{"role": "user", "content": "What is the capital of France?"}],
     })
     assert "Paris" in reply["choices"][0]["message"]["content"]
+
+
+def test_startup_log_says_which_settings_came_from_the_model(server):
+    """The module's server gives window and budget (``servers.SMALL``); the other sizes
+    are derived from SmolLM2's trained 8K, and vLLM's start-up log says which is which."""
+    log = log_path(server.rsplit(":", 1)[1]).read_text()
+    lines = [line for line in log.splitlines() if "episodic: from the model" in line]
+    assert lines, log[-3000:]
+    assert "(trained length 8192): bounded_budget_tokens=None, retrieval_interval=8, prefill_chunk_tokens=2048" in lines[0]
+    assert "given: window_tokens=256, retrieval_budget_tokens=256" in lines[0]
 
 
 def test_worker_metrics_reach_the_api_servers_metrics(server):

@@ -29,6 +29,7 @@ TINY = {
     "sink_tokens": 32, "window_tokens": 64, "retrieval_budget_tokens": 32,
     "min_event_tokens": 4, "max_event_tokens": 16, "device_event_cache_tokens": 64,
     "representatives_dtype": "float32", "kept_memory_gib": 0, "retrieval_scoring": "dot",
+    "retrieval_interval": 1,  # every decode step retrieves (the model's default: every 8th)
 }
 MAX_TOKENS = 6
 # the CPU op takes multiples of 32 (its default, 128, would round the sinks and window up)

@@ -13,6 +13,7 @@ pytestmark = pytest.mark.engine
 TINY = {
     "sink_tokens": 64, "window_tokens": 128, "retrieval_budget_tokens": 128,
     "min_event_tokens": 8, "max_event_tokens": 32, "device_event_cache_tokens": 256,
+    "retrieval_interval": 1,  # every decode step retrieves (the model's default: every 8th)
 }
 # memory forms, but the whole context is still attended in place (full attention)
 IN_PLACE = {**TINY, "retrieval_budget_tokens": 2048, "device_event_cache_tokens": 2048, "positions": "exact"}

@@ -26,7 +26,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from tools.markers import held, replaced  # noqa: E402
-from vllm_episodic.config import EpisodicConfig  # noqa: E402
+from vllm_episodic.config import MODEL_DERIVED, EpisodicConfig  # noqa: E402
 
 START = "<!-- config-table:start -->"
 END = "<!-- config-table:end -->"
@@ -43,7 +43,9 @@ def _markdown(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def _default(value, description: str) -> str:
+def _default(name: str, value, description: str) -> str:
+    if name in MODEL_DERIVED:
+        return "from the model"
     if value is None:
         found = _NONE_MEANS.search(description)
         if not found:
@@ -62,7 +64,7 @@ def table() -> str:
     lines = ["| key | default | meaning |", "|---|---|---|"]
     for name, field in EpisodicConfig.model_fields.items():
         description = field.description or ""
-        lines.append(f"| `{name}` | {_default(field.default, description)} | {_markdown(description)} |")
+        lines.append(f"| `{name}` | {_default(name, field.default, description)} | {_markdown(description)} |")
     return "\n".join(lines)
 
 

@@ -1,8 +1,9 @@
 """The one configuration model of the episodic backend.
 
-Values come, lowest priority first, from the field defaults (EM-LLM's choices),
-a YAML preset in ``configs/`` (by name, or a path to a YAML file), and the keys a
-user passes through vLLM's own ``--additional-config``::
+Values come, lowest priority first, from the field defaults, the sizes derived from the
+served model's trained length (:func:`model_defaults`, for the keys in
+``MODEL_DERIVED``), a YAML preset in ``configs/`` (by name, or a path to a YAML file),
+and the keys a user passes through vLLM's own ``--additional-config``::
 
     vllm serve MODEL --attention-backend episodic \\
         --additional-config '{"episodic": {"preset": "fast", "window_tokens": 2048}}'
@@ -27,6 +28,52 @@ from vllm_episodic.core.constants import REANCHOR as BOUNDED_DRIFT
 #: the key of ``--additional-config`` that holds our settings
 ADDITIONAL_CONFIG_KEY = "episodic"
 
+#: keys that, unless a preset or the user gives them, follow from the model's trained
+#: length (:func:`model_defaults`); the other keys' defaults suit every model
+MODEL_DERIVED = ("window_tokens", "retrieval_budget_tokens", "bounded_budget_tokens",
+                 "retrieval_interval", "prefill_chunk_tokens", "prompt_end_queries")
+
+
+def model_defaults(trained_len: int, given: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``MODEL_DERIVED`` settings for a model trained on ``trained_len`` tokens that
+    ``given`` (the keys a preset or the user set, which win) leaves open. Each is a
+    function of the trained length alone, except that a given retrieval budget is also
+    the bounded budget.
+
+    The rule reproduces what was measured per model (the ``smollm2`` preset for
+    SmolLM2, trained on 8K tokens; ``qwen2`` for Qwen2.5, 32K; docs/natural-text.md):
+
+    - window: 1/16 of the trained length, a power of two between 1,024 and 4,096 (EM-LLM's
+      window; a larger one costs every step, and memory forms later), at most 1/8 of it
+      (models trained on less than 8K tokens);
+    - retrieval budget: the window;
+    - bounded budget (decode steps past the trained length): the budget, at least 2,048
+      (at most 1/4 of the trained length) — read in the bounded frame, 1K retrieved tokens
+      found 8 of 20 SmolLM2 needles at 16K and 2K 11; a budget that is given keeps its own
+      value here;
+    - retrieval every 8th decode step (on 2 CPU cores retrieving at every step cost more
+      than the attention it saved);
+    - prefill chunk: twice that window (Qwen2.5 with a 2K window lost QA answers with
+      2,048-token chunks; SmolLM2 with a 1K window lost multi-key needles with 4,096);
+    - the prompt's end reading all of memory: 2^20 / trained length queries, between 16
+      and 128, so that its cost (queries × context) stays the same at the trained length.
+    """
+    given = given or {}
+    derived: dict[str, Any] = {}
+    eighth = _power_of_two_below(trained_len // 8)
+    window = min(4096, max(min(1024, eighth), _power_of_two_below(trained_len // 16)))
+    derived["window_tokens"] = window
+    derived["retrieval_budget_tokens"] = window
+    derived["bounded_budget_tokens"] = None if "retrieval_budget_tokens" in given else max(window, min(2048, 2 * eighth))
+    derived["retrieval_interval"] = 8
+    derived["prefill_chunk_tokens"] = 2 * window
+    derived["prompt_end_queries"] = min(128, max(16, (1 << 20) // max(trained_len, 1)))
+    return {key: value for key, value in derived.items() if key not in given}
+
+
+def _power_of_two_below(n: int) -> int:
+    return 1 << max(n, 1).bit_length() - 1
+
 
 class EpisodicConfigError(ValueError):
     """A user-facing configuration error; the message says what to change."""
@@ -41,16 +88,20 @@ class EpisodicConfig(BaseModel):
     """Tokens at the start of every request that are always attended (attention sinks)."""
 
     window_tokens: int = Field(4096, ge=16, le=1 << 20)
-    """Most recent tokens attended at exact relative positions (the local window)."""
+    """Most recent tokens attended at exact relative positions (the local window). From
+    the model: 1/16 of its trained length, a power of two in [1,024, 4,096] (at most 1/8
+    of it)."""
 
     retrieval_budget_tokens: int = Field(2048, ge=0, le=1 << 20)
-    """Tokens of retrieved events attended per layer and step (similarity + contiguity)."""
+    """Tokens of retrieved events attended per layer and step (similarity + contiguity).
+    From the model: the window."""
 
     bounded_budget_tokens: int | None = Field(None, ge=0, le=1 << 20)
     """Tokens of retrieved events a decode step attends per layer past the model's
     trained length (bounded positions), at least ``retrieval_budget_tokens`` (None: that
     budget). Memory placed at trained distances reads less well than in place, and
-    more of it helps there, while within the trained length it mostly distracts."""
+    more of it helps there, while within the trained length it mostly distracts. From
+    the model: the budget, at least 2,048 (None when the budget is given)."""
 
     min_event_tokens: int = Field(8, ge=1, le=65536)
     """Smallest event; surprise boundaries closer than this are dropped."""
@@ -70,7 +121,7 @@ class EpisodicConfig(BaseModel):
     retrieval_interval: int = Field(1, ge=1, le=1024)
     """Decode steps between retrievals (1: every step, as EM-LLM). In between, each layer
     attends the events it last retrieved, so its device cache is not rewritten; prefill
-    chunks always retrieve."""
+    chunks always retrieve. From the model: 8."""
 
     retrieval_scoring: Literal["mass", "dot"] = "mass"
     """How events are ranked. ``mass``: each event's estimated share of attention — per
@@ -90,7 +141,8 @@ class EpisodicConfig(BaseModel):
     """Prefill chunk (``max_num_batched_tokens``) when ``--max-num-batched-tokens`` is not
     given; None: vLLM's default (2,048 for ``vllm serve`` on CPU). Each chunk retrieves
     once and attends its own tokens exactly. Past the trained length the chunk is
-    lowered to what keeps positions in range."""
+    lowered to what keeps positions in range. From the model: twice the window it
+    derives."""
 
     contiguity_share: float = Field(0.3, ge=0.0, lt=1.0)
     """Share of the retrieval budget given to temporal neighbours of retrieved events."""
@@ -149,7 +201,9 @@ class EpisodicConfig(BaseModel):
 
     prompt_end_queries: int = Field(128, ge=0, le=1 << 20)
     """How many of the prompt's last tokens ``full_memory_at_prompt_end`` gives all of
-    memory (at most the chunk that ends the prompt; 0: that whole chunk)."""
+    memory (at most the chunk that ends the prompt; 0: that whole chunk). From the
+    model: 2^20 / its trained length, in [16, 128] (the cost, queries × context, the
+    same at every trained length)."""
 
     @model_validator(mode="after")
     def _check_consistent(self) -> EpisodicConfig:
@@ -197,25 +251,40 @@ class EpisodicConfig(BaseModel):
         memory = self.largest_budget + self.max_event_tokens
         return sinks + memory + self.max_event_tokens + self.window_tokens + block_size + BOUNDED_DRIFT
 
+    def with_model_defaults(self, trained_len: int) -> EpisodicConfig:
+        """The ``MODEL_DERIVED`` keys that no preset or user gave, filled in for a model
+        trained on ``trained_len`` tokens (:func:`model_defaults`); every key is then set."""
+        given = {key: getattr(self, key) for key in self.model_fields_set}
+        derived = model_defaults(trained_len, given)
+        try:
+            return EpisodicConfig.model_validate({**self.model_dump(), **derived})
+        except ValidationError as exc:
+            raise EpisodicConfigError(
+                _describe(exc, None) + f"\n  (derived from the model's trained length {trained_len}: "
+                + ", ".join(f"{key}={value}" for key, value in derived.items()) + ")"
+            ) from None
+
     def resolved(self, trained_len: int, max_model_len: int, block_size: int,
                  device_is_host: bool = False) -> EpisodicConfig:
-        """Settings for one model: the default event cache size filled in, checked so
-        that the model stays in its trained range.
+        """Settings for one model: the keys no one gave derived from its trained length,
+        the default event cache size filled in, checked so that the model stays in its
+        trained range.
 
         ``device_is_host``: the "device" cache is host memory (the CPU platform). Keeping
         dropped events in a reserve then saves no transfer, only adds a copy per dropped
         event (SmolLM2, 30K context: 30.4 → 26.1 ms per decode step without it).
         """
-        sinks = -(-self.sink_tokens // block_size) * block_size
-        room = trained_len - sinks - self.window_tokens - self.max_event_tokens - block_size
-        cache = self.device_event_cache_tokens
+        config = self.with_model_defaults(trained_len)
+        sinks = -(-config.sink_tokens // block_size) * block_size
+        room = trained_len - sinks - config.window_tokens - config.max_event_tokens - block_size
+        cache = config.device_event_cache_tokens
         if cache is None and device_is_host:
-            cache = self.largest_budget
+            cache = config.largest_budget
         elif cache is None:
-            cache = max(self.largest_budget, min(2 * self.largest_budget, room))
-        kept = self.host_memory_gib / 4 if self.kept_memory_gib is None else self.kept_memory_gib
-        config = self.model_copy(update={"device_event_cache_tokens": cache, "kept_memory_gib": kept})
-        if self.positions != "exact" and max_model_len > trained_len:
+            cache = max(config.largest_budget, min(2 * config.largest_budget, room))
+        kept = config.host_memory_gib / 4 if config.kept_memory_gib is None else config.kept_memory_gib
+        config = config.model_copy(update={"device_event_cache_tokens": cache, "kept_memory_gib": kept})
+        if config.positions != "exact" and max_model_len > trained_len:
             span = config.bounded_span(block_size)
             if span > trained_len:
                 raise EpisodicConfigError(

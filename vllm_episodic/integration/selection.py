@@ -31,9 +31,15 @@ import functools
 import logging
 import os
 
-from vllm_episodic.config import ADDITIONAL_CONFIG_KEY, EpisodicConfig, EpisodicConfigError
+from vllm_episodic.config import (
+    ADDITIONAL_CONFIG_KEY,
+    MODEL_DERIVED,
+    EpisodicConfig,
+    EpisodicConfigError,
+)
 
-logger = logging.getLogger("vllm_episodic")
+# a child of vLLM's logger: printed by its handler, at its level, among its start-up lines
+logger = logging.getLogger("vllm.episodic")
 
 BACKEND_NAME = "EPISODIC"
 # the backend class per platform
@@ -124,7 +130,12 @@ def patch_engine_args() -> None:
                 os.environ["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = previous
             if cached:
                 vllm_envs.enable_envs_cache()
-        chunk = EpisodicConfig.from_additional_config(self.additional_config).prefill_chunk_tokens
+        from vllm_episodic.integration.model_support import unsupported_model_reasons
+
+        if unsupported_model_reasons(model_config):
+            return model_config  # the platform check then fails saying why
+        config = EpisodicConfig.from_additional_config(self.additional_config)
+        chunk = config.with_model_defaults(trained_len(model_config)).prefill_chunk_tokens
         # without chunked prefill a prompt must fit one batch: vLLM's own default handles that
         if chunk is not None and self.max_num_batched_tokens is None and self.enable_chunked_prefill is not False:
             self.max_num_batched_tokens = chunk
@@ -213,8 +224,10 @@ def _check_and_update_config(original, klass, vllm_config) -> None:
             )
         block_size = vllm_config.cache_config.block_size
         trained = trained_len(model_config)
+        given = set(config.model_fields_set)
         config = config.resolved(trained, model_config.max_model_len, block_size,
                                  device_is_host=_platform_key() == "cpu")
+        _log_settings(config, given, trained)
         if config.positions != "exact" and model_config.max_model_len > trained:
             _bound_prefill_chunk(vllm_config, trained - config.bounded_span(block_size))
     if not vllm_config.cache_config.enable_prefix_caching:
@@ -234,6 +247,17 @@ def _check_and_update_config(original, klass, vllm_config) -> None:
     # vLLM's block hashing would share blocks the backend rewrites; prefixes are reused
     # through kept memories instead (prefix_reuse.py)
     vllm_config.cache_config.enable_prefix_caching = False
+
+
+def _log_settings(config: EpisodicConfig, given: set[str], trained: int) -> None:
+    """Say at start-up which sizes were derived from the model and which were given."""
+    def listed(keys):
+        return ", ".join(f"{key}={getattr(config, key)}" for key in keys) or "none"
+
+    derived = [key for key in MODEL_DERIVED if key not in given]
+    chosen = [key for key in MODEL_DERIVED if key in given]
+    logger.info("episodic: from the model (trained length %d): %s; given: %s", trained,
+                listed(derived), listed(chosen))
 
 
 def _bound_prefill_chunk(vllm_config, room: int) -> None:
