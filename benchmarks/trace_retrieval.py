@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -37,15 +38,15 @@ from vllm_episodic.core import request as request_module  # noqa: E402
 from vllm_episodic.core import select as select_module  # noqa: E402
 
 
-def needle_spans(prompt_ids: list[int], tokenizer, sample) -> list[tuple[int, int]]:
+def needle_spans(prompt_ids: list[int], tokenizer, sample, answers=None) -> list[tuple[int, int]]:
     """Token spans ``[start, end)`` of the prompt's needles (the sentences holding an
-    expected answer), found by decoding the prompt token by token."""
+    expected answer, or one of ``answers``), found by decoding the prompt token by token."""
     text, ends = "", []
     for token in prompt_ids:
         text += tokenizer.decode([token])
         ends.append(len(text))
     spans = []
-    for answer in sample.answers:
+    for answer in sample.answers if answers is None else answers:
         at = text.find(answer)
         start_char = text.rfind("One of the special", 0, at) if sample.task != "qa" else at
         if at < 0 or start_char < 0:
@@ -160,6 +161,11 @@ def main() -> int:
     answer = out.outputs[0].text
     prompt_ids = list(out.prompt_token_ids)
     spans = needle_spans(prompt_ids, tokenizer, sample)
+    # the other keys' needles (multi-key): same template, another key and number
+    text = tokenizer.decode(prompt_ids)
+    others = [value for value in re.findall(r"special magic numbers? for [\w-]+ is: (\d+)", text)
+              if value not in sample.answers]
+    other_spans = needle_spans(prompt_ids, tokenizer, sample, answers=others)
     starts, ends = next(iter(stores.values())) if stores else (torch.empty(0), torch.empty(0))
     report = {"sample": {"task": sample.task, "length": sample.length, "depth": sample.depth, "seed": args.seed,
                          "answers": sample.answers}, "answer": answer, "score": sample.score(answer),
@@ -175,6 +181,14 @@ def main() -> int:
         for e in ids:
             print(f"  event {e}: " + repr(tokenizer.decode(prompt_ids[int(starts[e]):int(ends[e])])))
     needle_events = {e for item in report["events"] for e, *_ in item["events"]}
+    other_events = {e for first, last in other_spans for e in range(starts.numel())
+                    if starts[e] < last and ends[e] > first} - needle_events
+    if other_spans:
+        print(f"other keys' needles {other_spans}: events {sorted(other_events)}")
+
+    def ranked(s, finite, rank, chosen, events):
+        best = min((rank[e] for e in events if e < s.numel() and finite[e]), default=None)
+        return best, any(e in chosen for e in events)
     for call in calls:
         scores = call["scores"]
         rows = []
@@ -183,16 +197,21 @@ def main() -> int:
             finite = torch.isfinite(s)
             order = torch.argsort(s.masked_fill(~finite, float("-inf")), descending=True)
             rank = {int(e): r for r, e in enumerate(order.tolist())}
-            best = min((rank[e] for e in needle_events if e < s.numel() and finite[e]), default=None)
             chosen = call["selected"][row]
-            hit = any(e in chosen for e in needle_events)
-            rows.append({"layer": layer, "rank": best, "selected": hit, "candidates": int(finite.sum())})
+            best, hit = ranked(s, finite, rank, chosen, needle_events)
+            other, other_hit = ranked(s, finite, rank, chosen, other_events)
+            rows.append({"layer": layer, "rank": best, "selected": hit, "candidates": int(finite.sum()),
+                         "other_rank": other, "other_selected": other_hit})
         report["retrievals"].append({"num_computed": call["num_computed"], "num_scheduled": call["num_scheduled"],
                                      "layers": rows})
         kind = "prefill" if call["num_scheduled"] > 1 else "decode"
         line = " ".join(f"{r['rank'] if r['rank'] is not None else '-'}{'*' if r['selected'] else ''}" for r in rows)
         print(f"{kind} at {call['num_computed']} (+{call['num_scheduled']}), "
               f"{rows[0]['candidates'] if rows else 0} events; needle rank per layer (* selected): {line}")
+        if other_events:
+            line = " ".join(f"{r['other_rank'] if r['other_rank'] is not None else '-'}"
+                            f"{'*' if r['other_selected'] else ''}" for r in rows)
+            print(f"  other keys' best rank per layer: {line}")
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1))
     return 0
