@@ -199,3 +199,15 @@ def test_benchmark_tables_are_the_generated_ones():
     assert tool.differing(tool.PAGE) == [], (
         "docs/benchmarks.md's tables differ from the results; run: python tools/results_tables.py --write")
     assert tool.main(["--check"]) == 0
+
+
+def test_readme_plots_show_what_the_result_files_hold():
+    """Each plot README shows carries the numbers it was drawn from; they must be the
+    result files' numbers now (a changed result without a redrawn plot fails)."""
+    tool = _load("results_plots", ROOT / "tools" / "results_plots.py")
+    assert tool.differing() == [], "a plot differs from the results; run: python tools/results_plots.py"
+    readme = (ROOT / "README.md").read_text()
+    for name in tool.PLOTS:
+        assert f"](docs/img/{name})" in readme, f"README does not show docs/img/{name}"
+    # the check reads what it should: a plot drawn from other numbers is told apart
+    assert tool.embedded(tool.IMAGES / "memory.png") != tool.natural_text_data()
