@@ -199,6 +199,8 @@ def test_benchmark_tables_are_the_generated_ones():
     assert tool.differing(tool.PAGE) == [], (
         "docs/benchmarks.md's tables differ from the results; run: python tools/results_tables.py --write")
     assert tool.main(["--check"]) == 0
+    assert tool.differing(tool.README) == [], (
+        "README's headline table differs from the results; run: python tools/results_tables.py --write README.md")
 
 
 def test_readme_plots_show_what_the_result_files_hold():

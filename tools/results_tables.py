@@ -1,4 +1,5 @@
-"""The tables of measurements in docs/benchmarks.md, generated from the result files.
+"""The tables of measurements in docs/benchmarks.md and README's headline table,
+generated from the result files.
 
 ``benchmarks/results/`` holds one canonical JSON per (benchmark, model, machine):
 ``benchmark``, ``model``, ``machine`` and either ``runs`` (a dict of runs by label, each
@@ -12,6 +13,7 @@ line of its own), so that the page and the data cannot drift apart
     python tools/results_tables.py                              # print every table
     python tools/results_tables.py --write docs/benchmarks.md   # replace them between the markers
     python tools/results_tables.py --check [docs/benchmarks.md] # exit 1 if one differs
+    python tools/results_tables.py --write README.md            # README's headline table
 
 Standard library only; runs in well under a second.
 """
@@ -238,6 +240,77 @@ def kernels_cpu() -> str:
     return "\n".join(lines)
 
 
+# -- README's headline ---------------------------------------------------------------------
+
+
+def _cell(name: str, backend: str, key: str) -> list[float] | None:
+    cell = load(name).get(backend, {}).get(key)
+    return cell["scores"] if cell else None
+
+
+def _found(name: str, backend: str, keys: list[str]) -> str:
+    """"a / b of n" for the cells ``keys`` of one backend ("-" for a cell not run)."""
+    cells = [_cell(name, backend, key) for key in keys]
+    sizes = {len(c) for c in cells if c}
+    return " / ".join(right(c) if c else "-" for c in cells) + (f" of {sizes.pop()}" if len(sizes) == 1 else "")
+
+
+def _later_turns(backend: str, length_: int) -> tuple[float, int, int]:
+    """Median TTFT of the follow-up turns (2nd on) of the gold-history conversations,
+    how many of them were right, and how many there were."""
+    turns = [t for doc in load("multiturn-qwen2.5-coder-0.5b-xeon.json")[backend][f"multi-turn+gold/{length_}"]["documents"]
+             for t in doc["turns"][1:]]
+    ttfts = sorted(t["ttft"] for t in turns)
+    middle = len(ttfts) // 2
+    median = ttfts[middle] if len(ttfts) % 2 else (ttfts[middle - 1] + ttfts[middle]) / 2
+    return median, sum(t["correct"] for t in turns), len(turns)
+
+
+def headline() -> str:
+    """README's one results table: speed, memory and quality against stock."""
+    speed = run_of("throughput-smollm2-135m-xeon.json", "after-house")
+    (stock,), (episodic,) = speed["stock"], speed["episodic"]
+    runs = load("memory-smollm2-135m-epyc.json")["runs"]
+    blocks = {row["context"]: row["blocks_decode"] for label in ("default", "128k") for row in runs[label]["episodic"]}
+    stock_blocks = {row["context"]: row["blocks_decode"] for row in runs["stock"]["stock"]}
+    contexts = (8184, 32760, 131064)
+    host = next(r["host_bytes"] for r in runs["128k"]["episodic"] if r["context"] == 131064)
+    smol, qwen = "quality-natural-smollm2-135m-xeon.json", "quality-natural-qwen2.5-coder-0.5b-xeon.json"
+    turns = {(b, n): _later_turns(b, n) for b in ("stock", "episodic") for n in (16384, 30720)}
+    tpot, ttft = (stock["mean_tpot_ms"], episodic["mean_tpot_ms"]), (stock["mean_ttft_ms"], episodic["mean_ttft_ms"])
+    rows = [
+        ("decode, SmolLM2-135M, 30K-token prompt, `smollm2` preset, 1 request",
+         f"{tpot[0]:.1f} ms/token", f"**{tpot[1]:.1f} ms/token ({tpot[0] / tpot[1]:.2f}×)**", "Xeon"),
+        ("time to first token, same", f"{ttft[0] / 1000:.1f} s",
+         f"**{ttft[1] / 1000:.1f} s ({ttft[1] / ttft[0]:.2f}×)**", "Xeon"),
+        ("device KV per request, SmolLM2, 8K / 32K / 128K context",
+         " / ".join(str(stock_blocks.get(c, "-")) for c in contexts) + " blocks",
+         "**" + " / ".join(str(blocks[c]) for c in contexts) + " blocks** ¹", "EPYC"),
+        ("host memory, SmolLM2, 128K context", "-", f"{host / 2**20:,.0f} MiB", "EPYC"),
+        ("natural-text single needle, SmolLM2, 8K (its trained length)",
+         _found(smol, "stock", ["niah_single/8192/middle"]), _found(smol, "episodic", ["niah_single/8192/middle"]),
+         "Xeon"),
+        ("the same at 16K / 32K (past its trained length)", "garbage ²",
+         _found(smol, "episodic", ["niah_single/16384/middle", "niah_single/32768/middle"]), "Xeon"),
+        ("natural-text multi-key, Qwen2.5-Coder-0.5B, 16K / 30K",
+         _found(qwen, "stock", ["niah_multikey/16384/middle", "niah_multikey/30720/middle"]),
+         _found(qwen, "episodic", ["niah_multikey/16384/middle", "niah_multikey/30720/middle"]), "Xeon"),
+        ("natural-text single needle, Qwen2.5-Coder-0.5B, 30K / 64K",
+         _found(qwen, "stock", ["niah_single/30000/middle", "niah_single/65536/middle"]),
+         _found(qwen, "episodic", ["niah_single/30000/middle", "niah_single/65536/middle"]), "Xeon"),
+        (f"follow-up turns' first token (median of {turns['stock', 16384][2]}), Qwen2.5-Coder-0.5B, "
+         "16K / 30K document", " / ".join(f"{turns['stock', n][0]:.2f}" for n in (16384, 30720)) + " s",
+         " / ".join(f"{turns['episodic', n][0]:.2f}" for n in (16384, 30720)) + " s", "Xeon"),
+        ("follow-up answers right, same questions, 16K / 30K",
+         " / ".join(str(turns["stock", n][1]) for n in (16384, 30720)) + f" of {turns['stock', 16384][2]}",
+         " / ".join(str(turns["episodic", n][1]) for n in (16384, 30720)) + f" of {turns['episodic', 16384][2]}",
+         "Xeon"),
+    ]
+    lines = ["| what | stock vLLM | episodic | machine |", "|---|---|---|---|"]
+    lines += [f"| {what} | {s_} | {e_} | {machine} |" for what, s_, e_, machine in rows]
+    return "\n".join(lines)
+
+
 TABLES = {
     "serving-current": serving_current,
     "serving-by-length": serving_by_length,
@@ -247,22 +320,29 @@ TABLES = {
     "quality-natural": quality_natural,
     "kernels-cpu": kernels_cpu,
 }
+README = ROOT / "README.md"
+README_TABLES = {"headline": headline}
 
 
 def _markers(name: str) -> tuple[str, str]:
     return f"<!-- table:{name}:start -->", f"<!-- table:{name}:end -->"
 
 
+def tables_of(path: Path) -> dict:
+    """The tables a page holds: README's headline, or docs/benchmarks.md's."""
+    return README_TABLES if path.name == README.name else TABLES
+
+
 def current(path: Path) -> dict[str, str]:
     """Each table as it stands between its markers in ``path``."""
     text = path.read_text()
-    return {name: held(text, *_markers(name), path) for name in TABLES}
+    return {name: held(text, *_markers(name), path) for name in tables_of(path)}
 
 
 def write(path: Path) -> list[str]:
     """Replace every table between its markers; the names of those that changed."""
     text, changed = path.read_text(), []
-    for name, make in TABLES.items():
+    for name, make in tables_of(path).items():
         table = make()
         if held(text, *_markers(name), path) != table:
             changed.append(name)
@@ -275,7 +355,7 @@ def write(path: Path) -> list[str]:
 def differing(path: Path) -> list[str]:
     """The tables of ``path`` that are not the generated ones."""
     held = current(path)
-    return [name for name, make in TABLES.items() if held[name] != make()]
+    return [name for name, make in tables_of(path).items() if held[name] != make()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -285,11 +365,12 @@ def main(argv: list[str] | None = None) -> int:
                        help=f"replace the tables between the markers of FILE (default {PAGE.relative_to(ROOT)})")
     group.add_argument("--check", metavar="FILE", type=Path, nargs="?", const=PAGE,
                        help="exit 1 if a table of FILE is not the generated one")
-    parser.add_argument("tables", nargs="*", metavar="TABLE", help=f"print only these: {', '.join(TABLES)}")
+    every = {**TABLES, **README_TABLES}
+    parser.add_argument("tables", nargs="*", metavar="TABLE", help=f"print only these: {', '.join(every)}")
     args = parser.parse_args(argv)
-    unknown = sorted(set(args.tables) - set(TABLES))
+    unknown = sorted(set(args.tables) - set(every))
     if unknown:
-        parser.error(f"no table {', '.join(unknown)}; tables: {', '.join(TABLES)}")
+        parser.error(f"no table {', '.join(unknown)}; tables: {', '.join(every)}")
     if args.write:
         changed = write(args.write)
         print(f"{args.write}: {'updated ' + ', '.join(changed) if changed else 'unchanged'}")
@@ -300,9 +381,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"tools/results_tables.py --write {args.check}", file=sys.stderr)
             return 1
     else:
-        for name in args.tables or TABLES:
+        for name in args.tables or every:
             start, end = _markers(name)
-            print(f"{start}\n{TABLES[name]()}\n{end}\n")
+            print(f"{start}\n{every[name]()}\n{end}\n")
     return 0
 
 
