@@ -48,6 +48,8 @@ def cut_model(source, dest, layers: int):
             shutil.copy(item, dest / item.name)
     config = json.loads((source / "config.json").read_text())
     config["num_hidden_layers"] = layers
+    if "layer_types" in config:  # Qwen2's per-layer attention kinds
+        config["layer_types"] = config["layer_types"][:layers]
     (dest / "config.json").write_text(json.dumps(config))
     for weights in source.glob("*.safetensors"):
         kept = {name: tensor for name, tensor in load_file(weights).items()

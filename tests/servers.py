@@ -90,6 +90,25 @@ def wait_idle(server: str, timeout: float = 60) -> dict[str, float]:
         time.sleep(0.5)
 
 
+def abandon(server: str, body: dict, read_chunks: int, wait: float) -> None:
+    """Send a streaming request and disconnect: before the first token (read_chunks=0,
+    after ``wait`` seconds) or after ``read_chunks`` streamed chunks."""
+    import http.client
+
+    host, port = server.rsplit("/", 1)[1].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=120)
+    conn.request("POST", "/v1/completions", body=json.dumps({**body, "stream": True}),
+                 headers={"Content-Type": "application/json"})
+    if read_chunks == 0:
+        time.sleep(wait)
+    else:
+        response = conn.getresponse()
+        for _ in range(read_chunks):
+            response.fp.readline()
+            response.fp.readline()
+    conn.close()
+
+
 def long_prompt(n: int, seed: int) -> str:
     from vllm_episodic.workloads import filler_text
 
@@ -111,12 +130,15 @@ def log_path(port: int | str) -> Path:
 
 
 @contextmanager
-def running_server(model_dir: str, settings: dict):
+def running_server(model_dir: str, settings: dict, *extra: str, environ: dict[str, str] | None = None):
+    """``vllm serve`` of ``model_dir`` as "smollm2" with the episodic ``settings``, more
+    ``extra`` arguments and ``environ`` over :func:`env`; yields its base URL."""
     port = free_port()
     log = open(log_path(port), "w+")
     proc = subprocess.Popen(serve_args(model_dir, port, "--served-model-name", "smollm2",
-                                        "--additional-config", json.dumps({"episodic": settings})),
-                            env=env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                        "--additional-config", json.dumps({"episodic": settings}), *extra),
+                            env={**env(), **(environ or {})}, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 600
     while True:

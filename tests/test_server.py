@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from servers import env, free_port, get, log_path, long_prompt, metric, post, post_status, serve_args, wait_idle
+from servers import abandon, env, free_port, get, log_path, long_prompt, metric, post, post_status, serve_args, wait_idle
 
 pytestmark = pytest.mark.server
 
@@ -93,25 +93,6 @@ def test_a_follow_up_turn_reuses_the_kept_memory_across_processes(server):
     assert metric(text, "vllm_episodic_kept_memories") >= 1
 
 
-def _abandon(server: str, body: dict, read_chunks: int, wait: float) -> None:
-    """Send a streaming request and disconnect: before the first token (read_chunks=0,
-    after ``wait`` seconds) or after ``read_chunks`` streamed chunks."""
-    import http.client
-
-    host, port = server.rsplit("/", 1)[1].split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=120)
-    conn.request("POST", "/v1/completions", body=json.dumps({**body, "stream": True}),
-                 headers={"Content-Type": "application/json"})
-    if read_chunks == 0:
-        time.sleep(wait)
-    else:
-        response = conn.getresponse()
-        for _ in range(read_chunks):
-            response.fp.readline()
-            response.fp.readline()
-    conn.close()
-
-
 def test_aborted_clients_leave_no_memory_behind(server):
     """50 clients disconnect mid-prefill or mid-decode; the server ends with no request
     memory held (host bytes, event-cache slots) and keeps serving."""
@@ -126,7 +107,7 @@ def test_aborted_clients_leave_no_memory_behind(server):
                 "ignore_eos": True, "temperature": 0}
         cycles.append((body, 0 if i % 2 else 3, 0.3 + 0.1 * (i % 5)))
     with ThreadPoolExecutor(5) as pool:
-        list(pool.map(lambda c: _abandon(server, *c), cycles))
+        list(pool.map(lambda c: abandon(server, *c), cycles))
     after = wait_idle(server, timeout=180)
     assert after["vllm_episodic_events_created_total"] > baseline["vllm_episodic_events_created_total"]
     assert after["vllm_episodic_requests_tracked"] == 0

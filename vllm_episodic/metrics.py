@@ -42,6 +42,11 @@ METRICS: dict[str, tuple[str, str]] = {
     "prefetch_latency_seconds": ("histogram", "Time to copy the missing events of one layer into the device cache."),
 }
 HISTOGRAM_BUCKETS = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
+#: what every tensor-parallel rank counts alike (each holds every request and token, for
+#: its own KV heads): taken from rank 0 alone; the others (bytes, retrievals, caches)
+#: differ per rank and are summed over ranks
+REPLICATED = frozenset({"requests_tracked", "tokens_held", "kept_memories", "tokens_reused",
+                        "tokens_processed", "events_created"})
 
 
 @dataclass
@@ -88,9 +93,10 @@ def metrics_dir() -> str:
 class StatsPublisher:
     """Writes the worker's snapshot atomically, at most every ``interval`` seconds."""
 
-    def __init__(self, directory: str, interval: float = 0.2):
+    def __init__(self, directory: str, interval: float = 0.2, tp_rank: int = 0):
         self.path = os.path.join(directory, f"worker-{os.getpid()}.json")
         self.interval = interval
+        self.tp_rank = tp_rank
         self._last = 0.0
 
     def due(self) -> bool:
@@ -102,7 +108,8 @@ class StatsPublisher:
         self._last = time.monotonic()
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
-            json.dump({"pid": os.getpid(), "values": stats.values, "buckets": stats.buckets}, f)
+            json.dump({"pid": os.getpid(), "tp_rank": self.tp_rank, "values": stats.values,
+                       "buckets": stats.buckets}, f)
         os.replace(tmp, self.path)
 
     def close(self) -> None:
@@ -137,6 +144,18 @@ def read_snapshots(directory: str) -> list[dict]:
     return snapshots
 
 
+def summed(snapshots: list[dict]) -> dict[str, float]:
+    """The snapshots' values added up: over ranks, except the ``REPLICATED`` ones (from
+    tensor-parallel rank 0)."""
+    total: dict[str, float] = {}
+    for snap in snapshots:
+        rank = snap.get("tp_rank", 0)
+        for name, value in snap["values"].items():
+            if rank == 0 or name not in REPLICATED:
+                total[name] = total.get(name, 0.0) + value
+    return total
+
+
 class EpisodicCollector:
     """prometheus-client collector over the snapshots of all live workers."""
 
@@ -154,11 +173,9 @@ class EpisodicCollector:
         )
 
         snapshots = read_snapshots(self.directory) + [{"values": local_stats.values, "buckets": {}}]
-        total: dict[str, float] = {}
+        total = summed(snapshots)
         buckets: dict[str, list[int]] = {}
         for snap in snapshots:
-            for name, value in snap["values"].items():
-                total[name] = total.get(name, 0.0) + value
             for name, counts in snap["buckets"].items():
                 acc = buckets.setdefault(name, [0] * len(counts))
                 buckets[name] = [a + c for a, c in zip(acc, counts)]

@@ -100,6 +100,7 @@ class WorkerRuntime:
     """Per-runner episodic state: the memory, the current step and the metrics."""
 
     def __init__(self, runner):
+        from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
         from vllm.model_executor.models.utils import extract_layer_index
 
         from vllm_episodic.integration.rope_patch import model_rope
@@ -110,9 +111,16 @@ class WorkerRuntime:
         self.runner = runner
         self.vllm_config = vllm_config
         self.config = episodic_config(vllm_config)
+        ranks = get_tensor_model_parallel_world_size()
+        if ranks > 1:
+            # each tensor-parallel rank holds every token for its own KV heads: the
+            # server's caps are shared out (the API server admits by the sum over ranks)
+            self.config = self.config.model_copy(update={
+                "host_memory_gib": self.config.host_memory_gib / ranks,
+                "kept_memory_gib": (self.config.kept_memory_gib or 0.0) / ranks})
         self.max_model_len = model_config.max_model_len
         self.stats = Stats()
-        self.publisher = StatsPublisher(metrics_dir())
+        self.publisher = StatsPublisher(metrics_dir(), tp_rank=get_tensor_model_parallel_rank())
         self.rope: Rope = model_rope(runner.get_model(), self.max_model_len)
         shape = ModelShape(
             num_layers=model_config.get_num_layers(parallel),
