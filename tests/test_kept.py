@@ -213,6 +213,14 @@ def test_memories_kept_from_requests_on_one_kept_memory_share_its_tail():
               if t.untyped_storage().data_ptr() not in _storages(parent)]
     assert tensor_bytes(memory.kept.tensors()) == alone + tensor_bytes(others)
     assert tensor_bytes(others) < 4 * (own_bytes + 2 * 420 * 8)  # + surprise and token ids
+    # the scheduler's estimate of a child's bytes (its local part as long as the
+    # parent's tail here) counts its own tail tokens only, not the part its parent holds
+    from vllm_episodic.integration.prefix_reuse import KeptIndex
+
+    index = KeptIndex(block_size=BLOCK, cap_bytes=1 << 40, bytes_per_token=own_bytes // 16,
+                      local_tokens=400 - parent.tail_start)
+    assert index._estimate(400, 0) == (400 - parent.tail_start) * own_bytes // 16 + index._page_bytes(parent.tail_start)
+    assert index._estimate(400, 384, 400) == own_bytes
 
 
 def test_a_kept_tail_that_differs_from_its_parents_is_copied():

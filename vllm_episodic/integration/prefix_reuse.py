@@ -106,9 +106,12 @@ class KeptIndex:
         hashes = block_hashes(tokens, self.block_size)
         if not hashes:
             return
-        # what it shares with the kept memory it attached to is held once (shared pages)
-        shared = parent[1] if parent is not None and parent[0] in self.entries else 0
-        nbytes = self._estimate(len(tokens), shared)
+        # what it shares with the kept memory it attached to is held once (shared pages,
+        # and the part of its window that the parent's tail holds)
+        kept_parent = parent is not None and parent[0] in self.entries
+        shared = parent[1] if kept_parent else 0
+        parent_len = len(self.entries[parent[0]].tokens) if kept_parent else 0
+        nbytes = self._estimate(len(tokens), shared, parent_len)
         if nbytes > self.cap_bytes:
             return
         self._make_room(nbytes)
@@ -117,13 +120,17 @@ class KeptIndex:
             self.by_hash.setdefault(h, []).append(req_id)
         self.pending.keep.append(req_id)
 
-    def _estimate(self, tokens: int, shared: int) -> int:
+    def _estimate(self, tokens: int, shared: int, parent_len: int = 0) -> int:
         """Bytes the worker holds for a kept memory of ``tokens`` tokens, the first
-        ``shared`` of them held by another: its tail (the local window, at most
-        ``local_tokens``) and the host pages of the rest (whole pages: an upper bound)."""
+        ``shared`` of them those of a kept memory of ``parent_len`` tokens: its tail (the
+        local window, at most ``local_tokens``) less what of it the parent's tail holds
+        (views of it, ``kept.py``), and the host pages of the rest (whole pages: an
+        upper bound)."""
         tail = min(tokens, self.local_tokens)
+        parent_tail_start = parent_len - min(parent_len, self.local_tokens)
+        in_parent_tail = max(0, min(shared, tokens) - max(tokens - tail, parent_tail_start))
         stored = max(0, tokens - tail - shared)
-        return tail * self.bytes_per_token + self._page_bytes(stored)
+        return (tail - in_parent_tail) * self.bytes_per_token + self._page_bytes(stored)
 
     def _page_bytes(self, tokens: int) -> int:
         """Bytes of the host pages that hold ``tokens`` stored tokens (whole pages)."""
@@ -275,7 +282,8 @@ def _index_for(vllm_config) -> KeptIndex | None:
     if not config.kept_memory_gib:
         return None
     model = vllm_config.model_config
-    per_token = (2 * model.get_num_layers(vllm_config.parallel_config) * model.get_num_kv_heads(vllm_config.parallel_config)
+    # the bytes of every tensor-parallel rank together: the caps are the server's
+    per_token = (2 * model.get_num_layers(vllm_config.parallel_config) * model.get_total_num_kv_heads()
                  * model.get_head_size() * model.dtype.itemsize)
     # a finished request's tail: sinks, window, the open event and the block alignment
     local = config.sink_tokens + config.window_tokens + config.max_event_tokens + 2 * vllm_config.cache_config.block_size

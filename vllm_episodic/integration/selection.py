@@ -250,12 +250,15 @@ def _check_and_update_config(original, klass, vllm_config) -> None:
 
 
 def _log_settings(config: EpisodicConfig, given: set[str], trained: int) -> None:
-    """Say at start-up which sizes were derived from the model and which were given."""
+    """Say at start-up which sizes were derived from the model and which were given
+    (once: the engine core process checks the resolved config again, every key given)."""
     def listed(keys):
         return ", ".join(f"{key}={getattr(config, key)}" for key in keys) or "none"
 
     derived = [key for key in MODEL_DERIVED if key not in given]
     chosen = [key for key in MODEL_DERIVED if key in given]
+    if not derived:
+        return
     logger.info("episodic: from the model (trained length %d): %s; given: %s", trained,
                 listed(derived), listed(chosen))
 
