@@ -9,7 +9,9 @@ from vllm_episodic.workloads import filler_text
 
 pytestmark = pytest.mark.engine
 
-# prompt lengths in tokens: all fit in sinks + window (128 + 4096), so memory is inactive
+# prompt lengths in tokens: all fit in sinks + window (128 + 4096, EM-LLM's window, given:
+# SmolLM2's own is 1,024), so memory is inactive; prefill chunks as stock's (vLLM's default)
+WINDOW = {"window_tokens": 4096, "retrieval_budget_tokens": 2048, "prefill_chunk_tokens": None}
 LENGTHS = [3, 9, 17, 30, 45, 64, 90, 128, 150, 200, 256, 333, 400, 512, 640, 777, 900, 1024,
            1300, 1600, 2000, 2500, 3000, 3600]
 
@@ -31,7 +33,7 @@ def test_episodic_is_selected(make_llm):
     assert backends == {"EpisodicCPUBackend"}
     runtime = runtime_of(llm)
     # on CPU the event cache holds the retrieved events only (no reserve of copies)
-    assert runtime.config.device_event_cache_tokens == runtime.config.retrieval_budget_tokens
+    assert runtime.config.device_event_cache_tokens == runtime.config.largest_budget
 
 
 def test_unknown_backend_fails_as_in_stock_vllm(model_dir):
@@ -45,7 +47,7 @@ def test_token_identical_to_stock_while_context_fits(make_llm):
     from vllm import SamplingParams
 
     stock = make_llm(dtype="float32")
-    episodic = make_llm(attention_backend="episodic", dtype="float32")
+    episodic = make_llm(attention_backend="episodic", dtype="float32", additional_config={"episodic": WINDOW})
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     prompts = _prompts()
     assert len(prompts) >= 20
