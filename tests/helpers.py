@@ -56,3 +56,16 @@ def cut_model(source, dest, layers: int):
                 if not (name.startswith("model.layers.") and int(name.split(".")[2]) >= layers)}
         save_file(kept, dest / weights.name, metadata={"format": "pt"})
     return dest
+
+
+def tiny_model(model: object, folder, tokenizer_from) -> str:
+    """Save a transformers ``model`` (random weights, or a config object for models
+    that only need to be rejected) in ``folder`` with the tokenizer files of the model
+    folder ``tokenizer_from``: a servable (or rejectable) model in seconds."""
+    import shutil
+    from pathlib import Path
+
+    model.save_pretrained(folder)
+    for file in Path(tokenizer_from).glob("tokenizer*"):
+        shutil.copy(file, folder)
+    return str(folder)

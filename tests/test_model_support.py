@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import tiny_model
 
 # (transformers config class, its arguments, a fragment of the expected reason)
 UNSUPPORTED = {
@@ -29,21 +29,13 @@ UNSUPPORTED = {
 }
 
 
-def _tiny_model(root: Path, model_dir: str, name: str) -> str:
-    import transformers
-
-    cls_name, kwargs, _ = UNSUPPORTED[name]
-    folder = root / name
-    getattr(transformers, cls_name)(**kwargs).save_pretrained(folder)
-    for file in Path(model_dir).glob("tokenizer*"):
-        shutil.copy(file, folder)
-    return str(folder)
-
-
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory, model_dir):
+    import transformers
+
     root = tmp_path_factory.mktemp("unsupported")
-    return {name: _tiny_model(root, model_dir, name) for name in UNSUPPORTED}
+    return {name: tiny_model(getattr(transformers, cls_name)(**kwargs), root / name, model_dir)
+            for name, (cls_name, kwargs, _) in UNSUPPORTED.items()}
 
 
 @pytest.mark.parametrize("name", list(UNSUPPORTED))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import tiny_model
 from servers import SMALL, abandon, get, long_prompt, metric, post, running_server
 
 pytestmark = pytest.mark.server
@@ -24,18 +25,12 @@ pytestmark = pytest.mark.server
 
 @pytest.fixture(scope="module")
 def tiny_qwen(tmp_path_factory, model_dir) -> str:
-    import shutil
-
     import transformers
 
-    folder = tmp_path_factory.mktemp("qwen2-tp")
-    transformers.Qwen2Config(num_hidden_layers=2, hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
-                             intermediate_size=512, vocab_size=49152, max_position_embeddings=8192,
-                             torch_dtype="float32").save_pretrained(folder)
-    transformers.Qwen2ForCausalLM(transformers.Qwen2Config.from_pretrained(folder)).save_pretrained(folder)
-    for file in Path(model_dir).glob("tokenizer*"):
-        shutil.copy(file, folder)
-    return str(folder)
+    config = transformers.Qwen2Config(num_hidden_layers=2, hidden_size=256, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=512, vocab_size=49152,
+                                      max_position_embeddings=8192, torch_dtype="float32")
+    return tiny_model(transformers.Qwen2ForCausalLM(config), tmp_path_factory.mktemp("qwen2-tp"), model_dir)
 
 
 @pytest.fixture(scope="module")

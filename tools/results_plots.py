@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tools.results_tables import MODELS, RESULTS, TASKS, length, load  # noqa: E402
+from tools.results_tables import MODELS, RESULTS, TASKS, length, load, quality_cells  # noqa: E402
 
 IMAGES = ROOT / "docs" / "img"
 KEY = "vllm-episodic-data"
@@ -52,12 +52,8 @@ def natural_text_data() -> list[list]:
         path = next(iter(RESULTS.glob(f"quality-natural-{model}-*.json")), None)
         if path is None:
             continue
-        data, cells = load(path.name), {}
-        for backend in ("stock", "episodic"):
-            for key, cell in data.get(backend, {}).items():
-                task, n, band = key.split("/")
-                if band == "middle":
-                    cells.setdefault((task, int(n)), {})[backend] = cell["scores"]
+        cells = {(task, n): {backend: cell["scores"] for backend, cell in pair.items()}
+                 for (task, n, band), pair in quality_cells(load(path.name)).items() if band == "middle"}
         for (task, n) in sorted(cells, key=lambda k: (list(TASKS).index(k[0]), k[1])):
             pair = cells[(task, n)]
             past = " (past)" if n > trained else ""

@@ -75,6 +75,16 @@ def right(scores: list[float]) -> str:
 # -- quality on natural text -------------------------------------------------------------
 
 
+def quality_cells(data: dict) -> dict[tuple[str, int, str], dict[str, dict]]:
+    """A natural-text quality file's cells by (task, length, band), each {backend: cell}."""
+    cells = {}
+    for backend in ("stock", "episodic"):
+        for key, cell in data.get(backend, {}).items():
+            task, n, band = key.split("/")
+            cells.setdefault((task, int(n), band), {})[backend] = cell
+    return cells
+
+
 def quality_natural() -> str:
     """Every cell of the natural-text quality files: answers right of n, stock and episodic."""
     lines = ["| model, preset | task | length | band | n | stock | episodic |", "|---|---|---|---|---|---|---|"]
@@ -84,11 +94,7 @@ def quality_natural() -> str:
     for path in files:
         data = load(path.name)
         name, trained = MODELS.get(data["model"], (data["model"], 0))
-        cells = {}
-        for backend in ("stock", "episodic"):
-            for key, cell in data.get(backend, {}).items():
-                task, n, band = key.split("/")
-                cells.setdefault((task, int(n), band), {})[backend] = cell
+        cells = quality_cells(data)
         # earlier episodic cells kept beside the current ones: "task/length/band (what differed)"
         before = {}
         for key, cell in data.get("episodic_before", {}).items():
