@@ -54,6 +54,32 @@ def test_attached_memory_is_the_memory_of_a_run_that_stopped_there(h, reps, chun
             assert torch.equal(got, expected)
 
 
+def test_a_memory_attached_at_the_kept_end_takes_the_next_token_s_surprise_from_the_kept_logits():
+    """Attached where the kept request stopped, the new request's first token was never
+    seen: its surprise comes from the logits the kept request would have sampled it
+    from, recorded by the request's first step (as every step records its first token's
+    from the logits kept at the step before; with pipeline parallel, on the last stage,
+    which sends it to the others)."""
+    from types import SimpleNamespace
+
+    from vllm_episodic.integration.pipeline import record_step_surprise, step_surprise
+
+    seq = Sequence(420)
+    _, builder = run(seq, settings(), [300, *[1] * 99])
+    logits = torch.randn(1, 97, generator=torch.Generator().manual_seed(0))
+    builder.requests["r"].carry_logits = logits
+    _keep(builder, seq)
+    h = builder.kept.get("k").num_tokens
+    attached = builder.attach(BatchRow("a", h, 3, capacity=420), "k", next_token=5)
+    assert attached.carry_logits is logits
+    plan = SimpleNamespace(memory=attached, first_query=0, num_scheduled=3, num_computed=h)
+    record_step_surprise([plan], step_surprise([plan], torch.tensor([5, 6, 7]), torch.zeros(3, 4),
+                                               lambda hidden: torch.zeros(hidden.shape[0], 97)))
+    assert attached.surprise[h] == -torch.log_softmax(logits[0], 0)[5]
+    assert torch.allclose(attached.surprise[h + 1 : h + 3], torch.full((2,), 97.0).log())  # uniform logits
+    assert attached.carry_logits is None
+
+
 def test_attached_stores_share_the_kept_pages_until_they_write():
     seq = Sequence(420)
     _, memory = run(seq, settings(), [400])

@@ -54,25 +54,27 @@ def test_the_collector_sums_live_workers_and_ignores_dead_ones(tmp_path, monkeyp
     assert abs(_value(histogram, "_sum") - (2e-5 + 0.5 + 0.05)) < 1e-12
 
 
-def test_tensor_parallel_ranks_count_requests_once_and_sum_bytes(tmp_path, monkeypatch):
-    """Every rank holds every request and token (for its own KV heads): those counts come
-    from rank 0; bytes and retrievals differ per rank and are summed."""
+def test_parallel_workers_count_requests_once_and_sum_bytes(tmp_path, monkeypatch):
+    """Every worker (tensor-parallel rank × pipeline stage) holds every request and token
+    (for its own KV heads and layers): those counts come from the first worker; bytes
+    and retrievals differ per worker and are summed."""
     from vllm_episodic import metrics
 
     monkeypatch.setattr(metrics, "local_stats", Stats())
-    for rank, (held, nbytes, retrieved) in enumerate([(4000, 600, 10), (4000, 400, 12)]):
+    workers = [(0, 0, 600, 10), (1, 0, 400, 12), (0, 1, 500, 7), (1, 1, 300, 9)]
+    for tp_rank, pp_rank, nbytes, retrieved in workers:
         stats = Stats()
-        stats.set("tokens_held", held)
+        stats.set("tokens_held", 4000)
         stats.set("requests_tracked", 2)
         stats.set("host_bytes", nbytes)
         stats.inc("events_created", 30)
         stats.inc("events_retrieved", retrieved)
-        publisher = StatsPublisher(str(tmp_path), tp_rank=rank)
+        publisher = StatsPublisher(str(tmp_path), tp_rank=tp_rank, pp_rank=pp_rank)
         publisher.publish(stats, force=True)
-        os.replace(publisher.path, tmp_path / f"worker-rank{rank}.json")
+        os.replace(publisher.path, tmp_path / f"worker-tp{tp_rank}-pp{pp_rank}.json")
     families = _families(str(tmp_path))
     assert _value(families[PREFIX + "tokens_held"]) == 4000
     assert _value(families[PREFIX + "requests_tracked"]) == 2
     assert _value(families[PREFIX + "events_created"], "_total") == 30
-    assert _value(families[PREFIX + "host_bytes"]) == 1000
-    assert _value(families[PREFIX + "events_retrieved"], "_total") == 22
+    assert _value(families[PREFIX + "host_bytes"]) == 1800
+    assert _value(families[PREFIX + "events_retrieved"], "_total") == 38

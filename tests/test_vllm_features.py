@@ -109,7 +109,6 @@ def test_compiled_mode(make_llm):
         ({"kv_cache_dtype": "fp8"}, "quantized KV cache"),
         ({"speculative_config": {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 2}},
          "speculative decoding"),
-        ({"pipeline_parallel_size": 2}, "pipeline parallelism"),
     ],
 )
 def test_unsupported_features_fail_naming_them(model_dir, kwargs, fragment):

@@ -42,9 +42,10 @@ METRICS: dict[str, tuple[str, str]] = {
     "prefetch_latency_seconds": ("histogram", "Time to copy the missing events of one layer into the device cache."),
 }
 HISTOGRAM_BUCKETS = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
-#: what every tensor-parallel rank counts alike (each holds every request and token, for
-#: its own KV heads): taken from rank 0 alone; the others (bytes, retrievals, caches)
-#: differ per rank and are summed over ranks
+#: what every worker counts alike (each tensor-parallel rank and pipeline stage holds
+#: every request and token, for its own KV heads and layers): taken from the first
+#: worker alone (tensor-parallel rank 0 of the first stage); the others (bytes,
+#: retrievals, caches) differ per worker and are summed over workers
 REPLICATED = frozenset({"requests_tracked", "tokens_held", "kept_memories", "tokens_reused",
                         "tokens_processed", "events_created"})
 
@@ -93,10 +94,10 @@ def metrics_dir() -> str:
 class StatsPublisher:
     """Writes the worker's snapshot atomically, at most every ``interval`` seconds."""
 
-    def __init__(self, directory: str, interval: float = 0.2, tp_rank: int = 0):
+    def __init__(self, directory: str, interval: float = 0.2, tp_rank: int = 0, pp_rank: int = 0):
         self.path = os.path.join(directory, f"worker-{os.getpid()}.json")
         self.interval = interval
-        self.tp_rank = tp_rank
+        self.tp_rank, self.pp_rank = tp_rank, pp_rank
         self._last = 0.0
 
     def due(self) -> bool:
@@ -108,7 +109,7 @@ class StatsPublisher:
         self._last = time.monotonic()
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
-            json.dump({"pid": os.getpid(), "tp_rank": self.tp_rank, "values": stats.values,
+            json.dump({"pid": os.getpid(), "tp_rank": self.tp_rank, "pp_rank": self.pp_rank, "values": stats.values,
                        "buckets": stats.buckets}, f)
         os.replace(tmp, self.path)
 
@@ -145,13 +146,13 @@ def read_snapshots(directory: str) -> list[dict]:
 
 
 def summed(snapshots: list[dict]) -> dict[str, float]:
-    """The snapshots' values added up: over ranks, except the ``REPLICATED`` ones (from
-    tensor-parallel rank 0)."""
+    """The snapshots' values added up: over workers, except the ``REPLICATED`` ones (from
+    tensor-parallel rank 0 of the first pipeline stage)."""
     total: dict[str, float] = {}
     for snap in snapshots:
-        rank = snap.get("tp_rank", 0)
+        first = snap.get("tp_rank", 0) == 0 and snap.get("pp_rank", 0) == 0
         for name, value in snap["values"].items():
-            if rank == 0 or name not in REPLICATED:
+            if first or name not in REPLICATED:
                 total[name] = total.get(name, 0.0) + value
     return total
 

@@ -35,7 +35,6 @@ import torch
 
 from vllm_episodic.core.rope import Rope
 from vllm_episodic.core.store import HostStore, held_bytes
-from vllm_episodic.core.surprise import surprise_from_logits
 
 if TYPE_CHECKING:
     from vllm_episodic.core.request import RequestMemory
@@ -169,11 +168,15 @@ def attach(memory: RequestMemory, kept: KeptMemory, h: int, next_token: int | No
     memory.surprise[:h] = kept.surprise[:h]
     if h < kept.num_tokens and next_token == int(kept.token_ids[h]):
         memory.surprise[h] = kept.surprise[h]
-    elif h == kept.num_tokens and kept.next_logits is not None and next_token is not None:
-        memory.surprise[h] = surprise_from_logits(kept.next_logits, torch.tensor([next_token]))[0]
     else:
         # unknown (the kept logits at h - 1 are gone): the recent mean, never a boundary
         memory.surprise[h] = kept.surprise[max(1, h - settings.surprise_window) : h].mean()
+        if h == kept.num_tokens and kept.next_logits is not None:
+            # known after all: the kept request's last logits are this token's, and the
+            # request's first step records its surprise from them as every step does
+            # from the logits kept at the step before (where the logits are: the last
+            # pipeline stage, which sends the surprise to the others)
+            memory.carry_logits = kept.next_logits
     memory.num_tokens = h
     # weakly: a kept memory the scheduler drops must not live on in its attached requests
     memory.attached = (weakref.ref(kept), h)

@@ -59,9 +59,6 @@ def unsupported_model_reasons(model_config: Any) -> list[str]:
 def unsupported_feature_reasons(vllm_config: Any) -> list[str]:
     """vLLM features the episodic backend does not handle yet."""
     reasons = []
-    parallel = vllm_config.parallel_config
-    if parallel.pipeline_parallel_size > 1:
-        reasons.append("pipeline parallelism (--pipeline-parallel-size > 1)")
     if vllm_config.speculative_config is not None:
         reasons.append("speculative decoding (--speculative-config)")
     if vllm_config.cache_config.cache_dtype not in ("auto", None):

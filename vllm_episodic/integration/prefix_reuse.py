@@ -282,8 +282,8 @@ def _index_for(vllm_config) -> KeptIndex | None:
     if not config.kept_memory_gib:
         return None
     model = vllm_config.model_config
-    # the bytes of every tensor-parallel rank together: the caps are the server's
-    per_token = (2 * model.get_num_layers(vllm_config.parallel_config) * model.get_total_num_kv_heads()
+    # the bytes of every tensor-parallel rank and pipeline stage together: the caps are the server's
+    per_token = (2 * model.get_total_num_hidden_layers() * model.get_total_num_kv_heads()
                  * model.get_head_size() * model.dtype.itemsize)
     # a finished request's tail: sinks, window, the open event and the block alignment
     local = config.sink_tokens + config.window_tokens + config.max_event_tokens + 2 * vllm_config.cache_config.block_size

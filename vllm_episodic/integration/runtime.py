@@ -43,8 +43,8 @@ from vllm_episodic.core.plan import BatchRow, Mode, ModelShape, RowPlan
 from vllm_episodic.core.select import select_ahead, select_layer
 from vllm_episodic.core.retrieval import Selection
 from vllm_episodic.core.rope import Rope
-from vllm_episodic.core.surprise import surprise_from_logits, token_surprise
 from vllm_episodic.integration.paged_kv import PagedKV
+from vllm_episodic.integration.pipeline import SurpriseRelay, record_step_surprise, step_surprise
 from vllm_episodic.metrics import Stats, StatsPublisher, metrics_dir
 
 # id(VllmConfig) -> runtime, held weakly (the runner holds its runtime); a runtime
@@ -100,7 +100,8 @@ class WorkerRuntime:
     """Per-runner episodic state: the memory, the current step and the metrics."""
 
     def __init__(self, runner):
-        from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+        from vllm.distributed import get_pp_group, get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+        from vllm.distributed.utils import get_pp_indices
         from vllm.model_executor.models.utils import extract_layer_index
 
         from vllm_episodic.integration.rope_patch import model_rope
@@ -111,19 +112,26 @@ class WorkerRuntime:
         self.runner = runner
         self.vllm_config = vllm_config
         self.config = episodic_config(vllm_config)
-        ranks = get_tensor_model_parallel_world_size()
-        if ranks > 1:
-            # each tensor-parallel rank holds every token for its own KV heads: the
-            # server's caps are shared out (the API server admits by the sum over ranks)
+        ranks, stage = get_tensor_model_parallel_world_size(), get_pp_group()
+        total_layers = model_config.get_total_num_hidden_layers()
+        # this pipeline stage's layers (vLLM's split, as make_layers does)
+        self.first_layer, end_layer = get_pp_indices(total_layers, stage.rank_in_group, stage.world_size)
+        share = (end_layer - self.first_layer) / total_layers / ranks
+        if share < 1:
+            # each tensor-parallel rank holds every token for its own KV heads, each
+            # pipeline stage for its own layers: the server's caps are shared out in
+            # proportion to the bytes each holds (the API server admits by the sum), so
+            # every worker reaches its cap at the same token and evicts alike
             self.config = self.config.model_copy(update={
-                "host_memory_gib": self.config.host_memory_gib / ranks,
-                "kept_memory_gib": (self.config.kept_memory_gib or 0.0) / ranks})
+                "host_memory_gib": self.config.host_memory_gib * share,
+                "kept_memory_gib": (self.config.kept_memory_gib or 0.0) * share})
         self.max_model_len = model_config.max_model_len
         self.stats = Stats()
-        self.publisher = StatsPublisher(metrics_dir(), tp_rank=get_tensor_model_parallel_rank())
+        self.publisher = StatsPublisher(metrics_dir(), tp_rank=get_tensor_model_parallel_rank(),
+                                        pp_rank=stage.rank_in_group)
         self.rope: Rope = model_rope(runner.get_model(), self.max_model_len)
         shape = ModelShape(
-            num_layers=model_config.get_num_layers(parallel),
+            num_layers=end_layer - self.first_layer,
             num_heads=model_config.get_num_attention_heads(parallel),
             num_kv_heads=model_config.get_num_kv_heads(parallel),
             head_size=model_config.get_head_size(),
@@ -147,9 +155,13 @@ class WorkerRuntime:
         self._restores: list[tuple[BatchRow, str, int, torch.Tensor]] = []
         self._ahead: list[RowPlan] = []
         self._computing_surprise = False
+        self.relay = SurpriseRelay(runner.device)
+        # a stage before the last: the step whose surprise it waits for (its plans)
+        self._deferred: list[RowPlan] | None = None
 
     def layer_index(self, layer_name: str) -> int:
-        return self._layer_index(layer_name)
+        """The layer's index in this stage's memory (its layers, from 0)."""
+        return self._layer_index(layer_name) - self.first_layer
 
     # ---- scheduler-side events ---------------------------------------------------
 
@@ -225,6 +237,7 @@ class WorkerRuntime:
                 self._attach_memory(row, *attach)
                 self._restores.append((row, *attach, common_attn_metadata.block_table_tensor[index]))
         self.plans = self.memory.plan_step(rows, common_attn_metadata.block_table_tensor[:num_reqs])
+        self.relay.post(sum(plan.num_scheduled for plan in self.plans if self.needs_surprise(plan)))
         self._ahead = [plan for plan in self.plans if plan.memory.can_select_ahead(plan)]
         for plan in self._ahead:
             # :meth:`before_forward` selects and fills them before any layer runs: the
@@ -334,34 +347,39 @@ class WorkerRuntime:
         return c.segmentation == "surprise" and plan.memory.capacity > c.sink_tokens + c.window_tokens
 
     def after_forward(self, model, input_ids: torch.Tensor, hidden: torch.Tensor) -> None:
-        """Surprise of the step's tokens, then events out of the tokens that left the window."""
+        """The last (or only) pipeline stage, whose model output is the final hidden
+        states: the surprise of the step's tokens (sent to the earlier stages), then
+        events out of the tokens that left the window."""
         plans = self.plans
         if plans is None:
             return
-        rows, targets, owners = [], [], []
-        for plan in plans:
-            if not self.needs_surprise(plan):
-                continue
-            first, n = plan.first_query, plan.num_scheduled
-            carry = plan.memory.carry_logits
-            if carry is not None and plan.num_computed > 0:
-                token = input_ids[first : first + 1]
-                plan.memory.record_surprise(plan.num_computed, surprise_from_logits(carry, token))
-            plan.memory.carry_logits = None
-            if n > 1:
-                rows.append(hidden[first : first + n - 1])
-                targets.append(input_ids[first + 1 : first + n])
-                owners.append((plan, n - 1))
-        if rows:
-            self._computing_surprise = True
-            try:
-                values = token_surprise(torch.cat(rows), torch.cat(targets), model.compute_logits)
-            finally:
-                self._computing_surprise = False
-            offset = 0
-            for plan, n in owners:
-                plan.memory.record_surprise(plan.num_computed + 1, values[offset : offset + n])
-                offset += n
+        values = self._surprise(plans, model, input_ids, hidden)
+        self.relay.send(values)
+        self._end_step(plans, values)
+
+    def after_stage(self) -> None:
+        """A pipeline stage before the last: its step ends once the last stage's
+        surprise arrives, when the next step begins (:meth:`finish_deferred`)."""
+        self._deferred = self.plans
+
+    def finish_deferred(self) -> None:
+        """A stage before the last, as its next step begins (before it is planned): the
+        previous step's surprise and events."""
+        plans, self._deferred = self._deferred, None
+        if plans is not None:
+            self._end_step(plans, self.relay.take())
+
+    def _surprise(self, plans: list[RowPlan], model, input_ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        self._computing_surprise = True  # the logits it computes are not a step's
+        try:
+            return step_surprise([p for p in plans if self.needs_surprise(p)], input_ids, hidden, model.compute_logits)
+        finally:
+            self._computing_surprise = False
+
+    def _end_step(self, plans: list[RowPlan], values: torch.Tensor | None) -> None:
+        """Record the step's surprise, then form events."""
+        if values is not None:
+            record_step_surprise([p for p in plans if self.needs_surprise(p)], values)
         self.memory.end_step(plans, self.read_tokens)
         self.publish()
 
