@@ -274,17 +274,14 @@ def install() -> None:
 
 def _index_for(vllm_config) -> KeptIndex | None:
     """The index of an episodic engine that keeps memories; None otherwise."""
-    from vllm_episodic.integration.selection import episodic_config, is_episodic
+    from vllm_episodic.integration.selection import episodic_config, host_bytes_per_token, is_episodic
 
     if not is_episodic(vllm_config):
         return None
     config = episodic_config(vllm_config)
     if not config.kept_memory_gib:
         return None
-    model = vllm_config.model_config
-    # the bytes of every tensor-parallel rank and pipeline stage together: the caps are the server's
-    per_token = (2 * model.get_total_num_hidden_layers() * model.get_total_num_kv_heads()
-                 * model.get_head_size() * model.dtype.itemsize)
+    per_token = host_bytes_per_token(vllm_config.model_config)
     # a finished request's tail: sinks, window, the open event and the block alignment
     local = config.sink_tokens + config.window_tokens + config.max_event_tokens + 2 * vllm_config.cache_config.block_size
     return KeptIndex(vllm_config.cache_config.block_size, int(config.kept_memory_gib * (1 << 30)), per_token, local,

@@ -285,13 +285,17 @@ def _set_host_budget(config: EpisodicConfig, model_config) -> None:
     if config.host_memory_policy != "reject" or model_config is None:
         admission.set_budget(None)
         return
-    layers = model_config.hf_text_config.num_hidden_layers
-    kv_heads = model_config.get_total_num_kv_heads()
-    per_token = 2 * layers * kv_heads * model_config.get_head_size() * model_config.dtype.itemsize
     admission.set_budget(admission.HostBudget(
         cap_bytes=int(config.host_memory_gib * (1 << 30)),
-        headroom_bytes=PAGE_TOKENS * per_token,
+        headroom_bytes=PAGE_TOKENS * host_bytes_per_token(model_config),
     ))
+
+
+def host_bytes_per_token(model_config) -> int:
+    """Host K/V bytes of one token in the whole server: every layer and KV head, over
+    all tensor-parallel ranks and pipeline stages (the caps are the server's)."""
+    return (2 * model_config.get_total_num_hidden_layers() * model_config.get_total_num_kv_heads()
+            * model_config.get_head_size() * model_config.dtype.itemsize)
 
 
 def trained_len(model_config) -> int:
